@@ -1,0 +1,89 @@
+"""Ed25519 keys and signatures for manifests, verdicts and commands.
+
+The server holds the private key; each agent pins the server's public key from a file, so only
+our server can make a device accept a model or a verdict.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from protocol.errors import SignatureError
+
+
+def generate_private_key() -> Ed25519PrivateKey:
+    """A fresh signing key."""
+    return Ed25519PrivateKey.generate()
+
+
+def save_private_key(key: Ed25519PrivateKey, path: Path) -> None:
+    """Write the key as PKCS#8 PEM readable by its owner only."""
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(pem)
+
+
+def save_public_key(key: Ed25519PublicKey, path: Path) -> None:
+    """Write the public key as SubjectPublicKeyInfo PEM (what agents pin)."""
+    pem = key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(pem)
+
+
+def load_private_key(path: Path) -> Ed25519PrivateKey:
+    """Load the server's signing key, failing clearly on the wrong kind of key."""
+    key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise SignatureError(f"{path}: not an Ed25519 private key")
+    return key
+
+
+def load_public_key(path: Path) -> Ed25519PublicKey:
+    """Load the pinned server public key."""
+    key = serialization.load_pem_public_key(Path(path).read_bytes())
+    if not isinstance(key, Ed25519PublicKey):
+        raise SignatureError(f"{path}: not an Ed25519 public key")
+    return key
+
+
+def ensure_keypair(private_path: Path, public_path: Path) -> Ed25519PrivateKey:
+    """Load the server key pair, creating it on first run."""
+    private_path, public_path = Path(private_path), Path(public_path)
+    if private_path.exists():
+        key = load_private_key(private_path)
+    else:
+        key = generate_private_key()
+        save_private_key(key, private_path)
+    if not public_path.exists():
+        save_public_key(key.public_key(), public_path)
+    return key
+
+
+def sign(key: Ed25519PrivateKey, data: bytes) -> str:
+    """Base64 Ed25519 signature of `data`."""
+    return base64.b64encode(key.sign(data)).decode("ascii")
+
+
+def verify(key: Ed25519PublicKey, data: bytes, signature: str | None) -> None:
+    """Raise SignatureError unless `signature` is a valid signature of `data` by `key`."""
+    if not signature:
+        raise SignatureError("message is not signed")
+    try:
+        raw = base64.b64decode(signature, validate=True)
+    except ValueError as exc:
+        raise SignatureError(f"signature is not base64: {exc}") from exc
+    if len(raw) != 64:
+        raise SignatureError(f"signature has {len(raw)} bytes, Ed25519 needs 64")
+    try:
+        key.verify(raw, data)
+    except InvalidSignature as exc:
+        raise SignatureError("signature does not match the pinned server key") from exc
