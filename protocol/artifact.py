@@ -76,15 +76,25 @@ def _extract_known_files(tar: tarfile.TarFile, dest: Path) -> None:
             os.fsync(out.fileno())
 
 
+_GUNZIP_STEP = 1024 * 1024
+
+
 def _bounded_gunzip(blob: bytes, limit: int) -> bytes:
+    # Read in steps: gz.read(limit + 1) would allocate the whole limit (256 MiB) up front, which
+    # fails on a device with a memory cap even for a tiny artifact.
+    data = bytearray()
     try:
         with gzip.GzipFile(fileobj=io.BytesIO(blob)) as gz:
-            data = gz.read(limit + 1)
+            while len(data) <= limit:
+                piece = gz.read(min(_GUNZIP_STEP, limit + 1 - len(data)))
+                if not piece:
+                    break
+                data += piece
     except (OSError, EOFError) as exc:
         raise ProtocolError(f"artifact is not valid gzip: {exc}") from exc
     if len(data) > limit:
         raise ProtocolError(f"artifact unpacks to more than {limit} bytes")
-    return data
+    return bytes(data)
 
 
 def _read_json(folder: Path, name: str) -> dict[str, Any]:

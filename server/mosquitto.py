@@ -5,6 +5,7 @@ Used by the tests, the benchmarks and the HIL rig; production points at an exist
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -80,6 +81,9 @@ class MosquittoBroker:
             "log_dest stderr",
             "log_type error",
             "log_type warning",
+            # As root mosquitto drops to user `mosquitto`, which cannot write its persistence file in our
+            # root-owned work dir; staying root keeps sessions and queued messages across restart().
+            "user root" if os.geteuid() == 0 and not any(x.startswith("user ") for x in self.extra_conf) else "",
             *self.extra_conf,
         ]
         conf.write_text("\n".join(x for x in lines if x) + "\n")

@@ -26,6 +26,26 @@ def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoBro
     broker.stop()
 
 
+@pytest.fixture(scope="session")
+def tiny_artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Real artifacts of ONE tiny model trained once per session: float, int8, dynamic, opversion (unloadable)."""
+    from test_agent_support import build_artifacts
+
+    return build_artifacts(str(tmp_path_factory.getbasetemp() / "agent-artifacts"))
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tiny_artifacts: dict[str, Path]) -> Path:
+    """A tiny float32 artifact folder (real TFLite model trained on a data slice)."""
+    return tiny_artifacts["float"]
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact_int8(tiny_artifacts: dict[str, Path]) -> Path:
+    """The same tiny model, full-integer int8."""
+    return tiny_artifacts["int8"]
+
+
 @pytest.fixture
 def topic_prefix() -> str:
     """A topic prefix unique to one test, so tests sharing the broker never see each other."""

@@ -1,0 +1,154 @@
+"""`edgeguide-agent`: run the device agent, or check its configuration.
+
+Exit codes: 0 clean stop / valid config, 2 invalid configuration, 1 unexpected failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from agent.config import ENV_PREFIX, ConfigError, load_config
+
+_LOGGER = logging.getLogger(__name__)
+
+LOG_FORMAT = "%(asctime)s level=%(levelname)s logger=%(name)s %(message)s"
+# Modules whose presence in the agent process means TensorFlow was pulled in somewhere.
+HEAVY_MODULES = ("tensorflow", "tf_keras", "keras", "tensorflow_model_optimization")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="edgeguide-agent",
+        description="EdgeGuide device agent: receives signed models over MQTT, measures them on this device, "
+                    "reports to the server and serves recommendations on a local HTTP port. Every option can also "
+                    f"be set in the TOML file (--config) or as an environment variable {ENV_PREFIX}<OPTION> "
+                    f"(e.g. {ENV_PREFIX}DEVICE_ID); precedence: option > env > file > default.",
+    )
+    p.add_argument("--config", type=Path, help="TOML file with the settings (top level or an [agent] table)")
+    p.add_argument("--device-id", help="this device's id, e.g. pi5-kitchen (letters, digits, _ and -)")
+    p.add_argument("--broker", dest="broker_url", help="broker URL, mqtt://HOST:PORT or mqtts://HOST:PORT")
+    p.add_argument("--state-dir", type=Path, help="directory for model slots, downloads and the report outbox")
+    p.add_argument("--server-key", type=Path, help="the server's Ed25519 public key (PEM) pinned by this device; "
+                   "manifests, verdicts and commands signed by any other key are refused")
+    p.add_argument("--username", help="MQTT user name (usually the device id)")
+    p.add_argument("--password", help=f"MQTT password (prefer {ENV_PREFIX}PASSWORD: options show up in ps)")
+    p.add_argument("--tls-ca", type=Path, help="CA certificate (PEM) to verify an mqtts:// broker")
+    p.add_argument("--tls-cert", type=Path, help="client certificate (PEM) for mutual TLS")
+    p.add_argument("--tls-key", type=Path, help="private key (PEM) of --tls-cert")
+    p.add_argument("--topic-prefix", help="MQTT topic prefix (default edgeguide)")
+    p.add_argument("--http-host", help="address the recommendation API listens on (default 127.0.0.1)")
+    p.add_argument("--http-port", help="port of the recommendation API (default 8700, 0 = any free port, "
+                   "none = no HTTP server)")
+    p.add_argument("--threads", type=int, help="interpreter threads for serving and measuring (default 1)")
+    p.add_argument("--quota-bytes", type=int, help="largest packed model this device accepts (default 64 MiB)")
+    p.add_argument("--measure-mode", choices=("quick", "full"),
+                   help="quick (seconds, for tests and demos) or full (>= 1024 runs and 60 s, MLPerf rules)")
+    p.add_argument("--verdict-timeout-s", type=float, help="how long a measured candidate waits for the server's "
+                   "verdict before it is discarded (default 600)")
+    p.add_argument("--heartbeat-s", type=float, help="seconds between heartbeats (default 30)")
+    p.add_argument("--chunk-stall-s", type=float, help="seconds without a new chunk before missing chunks are "
+                   "requested again (default 15)")
+    p.add_argument("--outbox-max-bytes", type=int, help="bound of the on-disk queue of unsent reports (default 4 MiB)")
+    p.add_argument("--runtime", help="force the interpreter: ai-edge-litert, tflite-runtime or tensorflow "
+                   "(default: the first installed, in that order)")
+    p.add_argument("--check-config", action="store_true",
+                   help="print the effective configuration (password masked) and the runtime, then exit "
+                        "0 if valid or 2 if not")
+    p.add_argument("--once-ready-file", type=Path, help="write a JSON file (pid, http_port) once the agent is "
+                   "connected and serving; for supervisors and tests")
+    p.add_argument("--debug-modules-file", type=Path, help="at exit, write the names of all imported Python "
+                   "modules to this file (used to prove TensorFlow is never loaded)")
+    p.add_argument("--log-level", default=os.environ.get(ENV_PREFIX + "LOG_LEVEL", "INFO"),
+                   help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    return p
+
+
+_OVERRIDES = ("device_id", "broker_url", "state_dir", "server_key", "username", "password", "tls_ca", "tls_cert",
+              "tls_key", "topic_prefix", "http_host", "http_port", "threads", "quota_bytes", "measure_mode",
+              "verdict_timeout_s", "heartbeat_s", "chunk_stall_s", "outbox_max_bytes", "runtime")
+
+
+def heavy_modules_loaded() -> list[str]:
+    """Names of TensorFlow-family modules in this process (must stay empty in the agent)."""
+    return sorted(m for m in sys.modules if m.split(".")[0] in HEAVY_MODULES)
+
+
+def _check_config(config_dict: dict) -> int:
+    # Import everything the running daemon imports, so heavy_modules proves the agent is TF-free.
+    from agent import daemon, measure, serving  # noqa: F401
+    from agent.runtime import ModelLoadError, detect_runtime
+    from agent.serving import http  # noqa: F401
+    try:
+        runtime = detect_runtime(config_dict.get("runtime")).to_dict()
+    except ModelLoadError as exc:
+        print(json.dumps({"config": config_dict, "runtime_error": str(exc)}, indent=2))
+        return 2
+    print(json.dumps({"config": config_dict, "runtime": runtime, "heavy_modules": heavy_modules_loaded()}, indent=2))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
+    overrides = {name: getattr(args, name) for name in _OVERRIDES}  # "none" for http_port disables HTTP
+    try:
+        config = load_config(args.config, overrides)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    if args.check_config:
+        return _check_config(config.to_dict())
+    try:
+        return _run(config, args)
+    finally:
+        if args.debug_modules_file:
+            args.debug_modules_file.write_text("\n".join(sorted(sys.modules)) + "\n")
+
+
+def _run(config, args: argparse.Namespace) -> int:  # noqa: ANN001 - AgentConfig, imported lazily
+    from agent.daemon import Agent
+
+    agent = Agent(config)
+    stop_requested = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        _LOGGER.info("signal_received signal=%s", signal.Signals(signum).name)
+        stop_requested.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        agent.start()
+        if args.once_ready_file:
+            threading.Thread(target=_write_ready_file, args=(agent, args.once_ready_file, stop_requested),
+                             name="edgeguide-ready", daemon=True).start()
+        while not stop_requested.wait(0.5):
+            pass
+    except Exception:
+        _LOGGER.exception("agent_failed")
+        agent.stop()
+        return 1
+    agent.stop()
+    return 0
+
+
+def _write_ready_file(agent, path: Path, stop: threading.Event) -> None:  # noqa: ANN001
+    while not stop.is_set():
+        if agent.ready.wait(0.5):
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps({"pid": os.getpid(), "http_port": agent.http_port,
+                                       "device_id": agent.device_id}))
+            os.replace(tmp, path)
+            return
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,179 @@
+"""One deployment on the device: download state, then candidate evaluation into a Report.
+
+`evaluate_candidate` runs steps 4 of docs/design.md's flow: whole-file check, unpack into the
+inactive slot, load with the device's runtime, measure on the golden set. Every failure becomes a
+Report with `load_ok` False and an `error_kind`, so the server always learns why; the incumbent
+model is never touched here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from agent.model import LoadedModel, open_model
+from agent.runtime import ModelLoadError, OpVersionError, RuntimeInfo
+from agent.store import ModelStore, SlotRef, StoreError
+from agent.transfer import Receiver, VerifyError
+from protocol import artifact
+from protocol.errors import ProtocolError
+from protocol.messages import Manifest, Report
+
+_LOGGER = logging.getLogger(__name__)
+
+MeasureFn = Callable[..., dict[str, Any]]
+PairedFn = Callable[..., dict[str, Any]]
+
+DOWNLOADING = "downloading"
+MEASURING = "measuring"
+AWAITING_VERDICT = "awaiting_verdict"
+
+
+@dataclass
+class Deployment:
+    """The one deployment in progress and where it stands."""
+
+    manifest: Manifest
+    receiver: Receiver
+    phase: str = DOWNLOADING
+    candidate: SlotRef | None = None
+    loaded: LoadedModel | None = None
+    last_progress: float = field(default_factory=time.monotonic)
+    verdict_deadline: float | None = None
+
+    @property
+    def deployment_id(self) -> str:
+        return self.manifest.deployment_id
+
+    def release(self) -> None:
+        """Close the candidate's interpreter (it was never handed to serving)."""
+        if self.loaded is not None:
+            self.loaded.close()
+            self.loaded = None
+
+
+@dataclass
+class Evaluation:
+    """What evaluating a candidate produced: always a report; a candidate and model only on success."""
+
+    report: Report
+    candidate: SlotRef | None = None
+    loaded: LoadedModel | None = None
+    failed_event: str | None = None  # verify_failed | load_failed | error, when it failed
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """Device-side knobs of the evaluation."""
+
+    device_id: str
+    threads: int
+    mode: str
+    max_unpacked_bytes: int
+    runtime: str | None = None
+    measure_config: Any = None
+    power_source: Any = None
+    paired_pairs: int = 20
+
+
+def _failure(deployment: Deployment, settings: EvalSettings, kind: str, error: str, event: str,
+             runtime: RuntimeInfo | None = None, model_bytes: int | None = None) -> Evaluation:
+    m = deployment.manifest
+    _LOGGER.error("candidate_failed deployment=%s kind=%s error=%s", m.deployment_id, kind, error)
+    report = Report(device_id=settings.device_id, deployment_id=m.deployment_id, model_id=m.model_id,
+                    version=m.version, load_ok=False, error_kind=kind, error=error[:2000], mode=settings.mode,
+                    runtime=runtime.to_dict() if runtime else None, model_bytes=model_bytes)
+    return Evaluation(report=report, failed_event=event)
+
+
+def evaluate_candidate(deployment: Deployment, store: ModelStore, settings: EvalSettings, *,
+                       measure: MeasureFn, paired: PairedFn | None = None,
+                       incumbent: LoadedModel | None = None,
+                       runtime_info: RuntimeInfo | None = None) -> Evaluation:
+    """Verify, install, load and measure the downloaded candidate; never raises for a bad model."""
+    m = deployment.manifest
+    try:
+        blob = deployment.receiver.assemble()
+    except (VerifyError, OSError) as exc:
+        return _failure(deployment, settings, "verify_error", str(exc), "verify_failed", runtime_info)
+    try:
+        candidate = store.install_candidate(blob, model_id=m.model_id, version=m.version,
+                                            deployment_id=m.deployment_id,
+                                            max_unpacked_bytes=settings.max_unpacked_bytes)
+    except StoreError as exc:
+        kind = exc.kind if exc.kind in {"disk_full", "verify_error"} else "load_error"
+        return _failure(deployment, settings, kind, str(exc), "verify_failed" if kind == "verify_error" else "error",
+                        runtime_info)
+    del blob
+    slot_dir = store.model_dir(candidate)
+    model_bytes = _size_or_none(slot_dir / artifact.MODEL_FILE)
+    try:
+        golden = artifact.read_golden(slot_dir)
+        histories = np.asarray(golden["histories"], dtype=np.int32)
+        golden_ids = np.asarray(golden["item_ids"], dtype=np.int32)
+        golden_scores = np.asarray(golden["scores"], dtype=np.float32) if golden.get("scores") else None
+    except (ProtocolError, ValueError, TypeError) as exc:
+        store.discard_candidate(candidate)
+        return _failure(deployment, settings, "load_error", f"golden.json unusable: {exc}", "load_failed",
+                        runtime_info, model_bytes)
+
+    opened: list[LoadedModel] = []
+
+    def load() -> Any:
+        model = open_model(slot_dir, model_id=m.model_id, version=m.version, threads=settings.threads,
+                           runtime=settings.runtime)
+        opened.append(model)
+        return model.recommender
+
+    try:
+        figures = measure(load, histories, mode=settings.mode, threads=settings.threads,
+                          power_source=settings.power_source, golden_ids=golden_ids, golden_scores=golden_scores,
+                          **({"config": settings.measure_config} if settings.measure_config is not None else {}))
+    except ModelLoadError as exc:
+        for model in opened:
+            model.close()
+        store.discard_candidate(candidate)
+        kind = "op_version" if isinstance(exc, OpVersionError) else "load_error"
+        return _failure(deployment, settings, kind, str(exc), "load_failed", exc.runtime or runtime_info, model_bytes)
+    except Exception as exc:  # a measurement bug must still yield a report, not a stuck deployment
+        _LOGGER.exception("measure_failed deployment=%s", m.deployment_id)
+        for model in opened:
+            model.close()
+        store.discard_candidate(candidate)
+        return _failure(deployment, settings, "measure_error", f"{type(exc).__name__}: {exc}", "error",
+                        runtime_info, model_bytes)
+    loaded = opened[-1]
+    for extra in opened[:-1]:
+        extra.close()
+    paired_result = None
+    if paired is not None and incumbent is not None and settings.paired_pairs > 0:
+        try:
+            paired_result = paired(incumbent.recommender, loaded.recommender, histories, settings.paired_pairs)
+            paired_result["incumbent_version"] = incumbent.version
+        except Exception:
+            _LOGGER.exception("paired_compare_failed deployment=%s", m.deployment_id)
+    context = dict(figures.get("context") or {})
+    context["measure_config"] = figures.get("config")
+    context["measure_s"] = figures.get("measure_s")
+    report = Report(
+        device_id=settings.device_id, deployment_id=m.deployment_id, model_id=m.model_id, version=m.version,
+        load_ok=True, mode=figures.get("mode", settings.mode),
+        runtime=figures.get("runtime") or (loaded.runtime.to_dict() if loaded.runtime else None),
+        model_bytes=model_bytes, latency_ms=figures.get("latency_ms"), memory=figures.get("memory"),
+        energy=figures.get("energy"), quality=figures.get("quality"), context=context, paired=paired_result,
+    )
+    _LOGGER.info("candidate_measured deployment=%s p50_ms=%s agreement=%s", m.deployment_id,
+                 (report.latency_ms or {}).get("p50"), (report.quality or {}).get("agreement_at_k"))
+    return Evaluation(report=report, candidate=candidate, loaded=loaded)
+
+
+def _size_or_none(path: Any) -> int | None:
+    try:
+        return int(path.stat().st_size)
+    except OSError:
+        return None

@@ -1,0 +1,315 @@
+"""HTTP/JSON front of `RecommendService` for the shopper's app on the same device.
+
+Routes: `POST /recommend` {"history": [codes], "k": int?}, `GET /healthz`, `GET /model`.
+Every answer, errors included, is a JSON object; errors are `{"error": "..."}`. The stdlib
+`ThreadingHTTPServer` is enough for one local app and adds no dependency; keep-alive (HTTP/1.1)
+spares the client a TCP handshake per request. The API has no authentication, so it binds to
+loopback unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import socket
+import threading
+from dataclasses import dataclass
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import urlsplit
+
+from agent.serving.service import NoModelError, RecommendService, RequestError
+
+_LOGGER = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY = 64 * 1024
+DEFAULT_IO_TIMEOUT_S = 10.0
+RECOMMEND_KEYS = frozenset({"history", "k"})
+_ROUTES: dict[str, frozenset[str]] = {
+    "/recommend": frozenset({"POST"}),
+    "/healthz": frozenset({"GET"}),
+    "/model": frozenset({"GET"}),
+}
+
+
+class _Server(ThreadingHTTPServer):
+    """Carries the service and limits to the handlers; worker threads never block shutdown."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], service: RecommendService, max_body: int,
+                 io_timeout_s: float) -> None:
+        self.service = service
+        self.max_body = max_body
+        self.io_timeout_s = io_timeout_s
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, _Handler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # The handler already answers 500 for its own failures; this only sees socket trouble.
+        _LOGGER.debug("http_connection_error client=%s", client_address, exc_info=True)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    protocol_version = "HTTP/1.1"
+    server_version = "edgeguide-agent"
+    error_content_type = "application/json"
+    # Headers and body go out in two writes; with Nagle on, the body waits for the client's
+    # delayed ACK (~40 ms per request on a keep-alive connection).
+    disable_nagle_algorithm = True
+
+    def setup(self) -> None:
+        self.timeout = self.server.io_timeout_s  # a stalled client only ties up its own thread
+        super().setup()
+
+    # ------------------------------------------------------------------ dispatch
+    def do_GET(self) -> None:
+        self._dispatch()
+
+    def do_POST(self) -> None:
+        self._dispatch()
+
+    def do_HEAD(self) -> None:
+        self._dispatch()
+
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_POST
+
+    def _dispatch(self) -> None:
+        path = urlsplit(self.path).path
+        methods = _ROUTES.get(path)
+        if methods is None:
+            self._discard_body()
+            self._send(HTTPStatus.NOT_FOUND, {"error": f"no route {path!r:.100}; use POST /recommend, "
+                                                       f"GET /healthz or GET /model"})
+            return
+        if self.command not in methods:
+            self._discard_body()
+            allowed = ", ".join(sorted(methods))
+            self._send(HTTPStatus.METHOD_NOT_ALLOWED,
+                       {"error": f"{self.command} is not allowed on {path}; use {allowed}"},
+                       headers={"Allow": allowed})
+            return
+        try:
+            if path == "/recommend":
+                self._recommend()
+            elif path == "/healthz":
+                self._healthz()
+            else:
+                self._model()
+        except Exception:  # nothing a request does may take the server down
+            _LOGGER.exception("http_internal_error method=%s path=%s", self.command, path)
+            self.close_connection = True
+            self._send(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error; see the agent log"})
+
+    # ------------------------------------------------------------------ routes
+    def _recommend(self) -> None:
+        body = self._read_body()
+        if body is None:
+            return
+        try:
+            request = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            self._send(HTTPStatus.BAD_REQUEST, {"error": f"body is not valid UTF-8 JSON: {_short(exc)}"})
+            return
+        except ValueError as exc:  # e.g. an integer literal longer than Python's digit limit
+            self._send(HTTPStatus.BAD_REQUEST, {"error": f"body is not acceptable JSON: {_short(exc)}"})
+            return
+        if not isinstance(request, dict):
+            self._send(HTTPStatus.BAD_REQUEST, {"error": f"body must be a JSON object like "
+                                                         f'{{"history": ["85123A"], "k": 10}}, '
+                                                         f"got {type(request).__name__}"})
+            return
+        extra = sorted(set(request) - RECOMMEND_KEYS)
+        if extra:
+            self._send(HTTPStatus.BAD_REQUEST,
+                       {"error": f"unknown keys {extra!r:.200}; accepted: {sorted(RECOMMEND_KEYS)}"})
+            return
+        if "history" not in request:
+            self._send(HTTPStatus.BAD_REQUEST, {"error": "missing 'history' (a list of stock codes, may be empty)"})
+            return
+        try:
+            result = self.server.service.recommend(request["history"], request.get("k"))
+        except RequestError as exc:
+            self._send(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
+        except NoModelError as exc:
+            self._send(HTTPStatus.SERVICE_UNAVAILABLE, {"error": str(exc)})
+        else:
+            self._send(HTTPStatus.OK, result)
+
+    def _healthz(self) -> None:
+        info = self.server.service.model_info()
+        if info is None:
+            self._send(HTTPStatus.SERVICE_UNAVAILABLE, {"status": "no_model", "model": None})
+        else:
+            self._send(HTTPStatus.OK, {"status": "ok",
+                                       "model": {"model_id": info["model_id"], "version": info["version"]}})
+
+    def _model(self) -> None:
+        info = self.server.service.model_info()
+        if info is None:
+            self._send(HTTPStatus.SERVICE_UNAVAILABLE, {"error": NoModelError().args[0]})
+        else:
+            self._send(HTTPStatus.OK, info)
+
+    # ------------------------------------------------------------------ plumbing
+    def _content_length(self) -> int | None:
+        """The declared body length; answers the error itself and returns None when unusable."""
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            self.close_connection = True
+            self._send(HTTPStatus.LENGTH_REQUIRED, {"error": "chunked bodies are not accepted; send Content-Length"})
+            return None
+        raw = self.headers.get("Content-Length")
+        if raw is None:
+            self.close_connection = True
+            self._send(HTTPStatus.LENGTH_REQUIRED, {"error": "Content-Length header is required"})
+            return None
+        try:
+            length = int(raw.strip())
+        except ValueError:
+            length = -1
+        if length < 0:
+            self.close_connection = True
+            self._send(HTTPStatus.BAD_REQUEST, {"error": f"Content-Length {raw!r:.40} is not a byte count"})
+            return None
+        return length
+
+    def _read_body(self) -> bytes | None:
+        length = self._content_length()
+        if length is None:
+            return None
+        if length > self.server.max_body:
+            # The unread body would be parsed as the next request: drop the connection instead.
+            self.close_connection = True
+            self._send(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                       {"error": f"body of {length} bytes exceeds the limit of {self.server.max_body} bytes"})
+            return None
+        try:
+            body = self.rfile.read(length)
+        except TimeoutError:
+            self.close_connection = True
+            self._send(HTTPStatus.REQUEST_TIMEOUT,
+                       {"error": f"body not received within {self.server.io_timeout_s:g} s"})
+            return None
+        if len(body) != length:
+            self.close_connection = True  # the client went away mid-body; nobody is left to answer
+            _LOGGER.debug("http_short_body expected=%d got=%d", length, len(body))
+            return None
+        return body
+
+    def _discard_body(self) -> None:
+        """Consume a small body sent to a route that ignores it, so keep-alive stays in sync."""
+        raw = self.headers.get("Content-Length")
+        if raw is None and "chunked" not in self.headers.get("Transfer-Encoding", "").lower():
+            return
+        try:
+            length = int(raw) if raw is not None else -1
+        except ValueError:
+            length = -1
+        if 0 <= length <= self.server.max_body:
+            if length:
+                self.rfile.read(length)
+        else:
+            self.close_connection = True
+
+    def _send(self, status: HTTPStatus, obj: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+        payload = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Length", str(len(payload)))
+        self.send_header("Cache-Control", "no-store")
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(payload)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """Protocol-level errors (bad request line, 414, 431, unknown method) as JSON too."""
+        try:
+            status = HTTPStatus(code)
+        except ValueError:
+            status = HTTPStatus.BAD_REQUEST
+        self.close_connection = True
+        text = message or status.phrase
+        if explain:
+            text = f"{text}: {explain}"
+        self.log_error("code %d, message %s", code, message)
+        self._send(status, {"error": text})
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        _LOGGER.debug("http %s " + format, self.address_string(), *args)
+
+    def log_error(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        _LOGGER.info("http_error %s " + format, self.address_string(), *args)
+
+
+@dataclass
+class ServerHandle:
+    """A running HTTP server: where it listens and how to stop it."""
+
+    host: str
+    port: int
+    _server: _Server
+    _thread: threading.Thread
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop accepting, close the socket and wait for the accept loop to end (idempotent)."""
+        if self._thread.is_alive():
+            self._server.shutdown()
+            self._thread.join(timeout)
+        self._server.server_close()
+        _LOGGER.info("http_stopped url=%s", self.url)
+
+    def __enter__(self) -> ServerHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_http_server(service: RecommendService, host: str = "127.0.0.1", port: int = 0,
+                      max_body: int = DEFAULT_MAX_BODY, *, io_timeout_s: float = DEFAULT_IO_TIMEOUT_S) -> ServerHandle:
+    """Serve `service` on host:port (0 = any free port) from a background thread and return its handle."""
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port must be in 0..65535, got {port}")
+    if max_body < 2:
+        raise ValueError(f"max_body must be at least 2 bytes (an empty JSON object), got {max_body}")
+    if io_timeout_s <= 0:
+        raise ValueError(f"io_timeout_s must be > 0, got {io_timeout_s}")
+    if not _is_loopback(host):
+        _LOGGER.warning("http_public_bind host=%s: the recommendation API has no authentication", host)
+    try:
+        server = _Server((host, port), service, max_body, io_timeout_s)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+    bound_port = int(server.server_address[1])
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
+                              name=f"edgeguide-http-{bound_port}", daemon=True)
+    thread.start()
+    handle = ServerHandle(host=host, port=bound_port, _server=server, _thread=thread)
+    _LOGGER.info("http_listening url=%s max_body=%d", handle.url, max_body)
+    return handle
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _short(exc: Exception) -> str:
+    return str(exc)[:200]

@@ -1,0 +1,370 @@
+"""The agent's state directory: two model slots, an atomic active pointer, and resumable staging.
+
+Layout (everything a power cut may interrupt is either atomic or re-derivable):
+    active.json                 {"slot", "model_id", "version", "deployment_id", "previous": {...} | null}
+    slots/a, slots/b            unpacked artifacts, each with slot.json naming what it holds
+    staging/<deployment_id>/    manifest.json, data.bin (preallocated), bitmap.json
+    finished.json               recently finished deployment ids (a redelivered manifest is ignored)
+    outbox/                     reports waiting for the broker (agent.outbox)
+A slot is written into a temporary directory and renamed into place, so a half-written slot is
+never visible; the pointer is replaced with tmp + fsync + os.replace + fsync(dir).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from protocol import artifact, names
+from protocol.errors import ProtocolError
+from protocol.messages import Manifest
+
+_LOGGER = logging.getLogger(__name__)
+
+SLOTS = ("a", "b")
+ACTIVE_FILE = "active.json"
+SLOT_FILE = "slot.json"
+FINISHED_FILE = "finished.json"
+FINISHED_KEEP = 64
+
+
+class StoreError(RuntimeError):
+    """A state-directory operation failed; `kind` is "disk_full", "verify_error" or "io"."""
+
+    def __init__(self, message: str, kind: str = "io") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or create inside `path` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` so readers see either the old or the new file, never a mix."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True).encode())
+
+
+def _disk_error(exc: OSError, what: str) -> StoreError:
+    kind = "disk_full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "io"
+    return StoreError(f"{what}: {exc.strerror or exc} (errno {exc.errno})", kind)
+
+
+@dataclass(frozen=True)
+class SlotRef:
+    """Which model a slot holds."""
+
+    slot: str
+    model_id: str
+    version: int
+    deployment_id: str | None = None
+
+    @classmethod
+    def from_dict(cls, obj: Any) -> SlotRef:
+        if not isinstance(obj, dict) or obj.get("slot") not in SLOTS:
+            raise ValueError(f"not a slot reference: {obj!r:.200}")
+        version = obj.get("version")
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise ValueError(f"slot reference version must be an int, got {version!r}")
+        dep = obj.get("deployment_id")
+        return cls(obj["slot"], names.model_id(obj.get("model_id")), version,
+                   names.deployment_id(dep) if dep is not None else None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ActivePointer:
+    """The model being served, and the one before it (kept for rollback while its slot holds it)."""
+
+    current: SlotRef
+    previous: SlotRef | None = None
+
+
+class ModelStore:
+    """Owns the state directory. Not thread-safe: the agent's worker thread is its only caller."""
+
+    def __init__(self, state_dir: Path | str) -> None:
+        self.root = Path(state_dir)
+        self.slots_dir = self.root / "slots"
+        self.staging_dir = self.root / "staging"
+        for d in (self.root, self.slots_dir, self.staging_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self._clean_leftovers()
+
+    def _clean_leftovers(self) -> None:
+        """Remove temporary slot dirs a crash left behind (they were never renamed into place)."""
+        for p in self.slots_dir.iterdir():
+            if p.name.startswith("."):
+                _LOGGER.warning("store_cleanup removing leftover %s", p)
+                shutil.rmtree(p, ignore_errors=True)
+
+    # -- slots & pointer ------------------------------------------------------------------
+    def slot_path(self, slot: str) -> Path:
+        if slot not in SLOTS:
+            raise ValueError(f"slot must be one of {SLOTS}, got {slot!r}")
+        return self.slots_dir / slot
+
+    def active(self) -> ActivePointer | None:
+        """The active pointer, or None on a fresh device; a corrupt pointer is logged and ignored."""
+        path = self.root / ACTIVE_FILE
+        if not path.exists():
+            return None
+        try:
+            obj = json.loads(path.read_text())
+            current = SlotRef.from_dict(obj)
+            previous = SlotRef.from_dict(obj["previous"]) if obj.get("previous") else None
+        except (OSError, ValueError, ProtocolError) as exc:
+            _LOGGER.error("active_pointer_corrupt path=%s error=%s", path, exc)
+            return None
+        return ActivePointer(current, previous)
+
+    def slot_contents(self, slot: str) -> SlotRef | None:
+        """What `slot` holds according to its own slot.json (None if empty or unreadable)."""
+        try:
+            return SlotRef.from_dict(json.loads((self.slot_path(slot) / SLOT_FILE).read_text()))
+        except (OSError, ValueError, ProtocolError):
+            return None
+
+    def inactive_slot(self) -> str:
+        """The slot a candidate goes into: the one the active pointer does not name."""
+        pointer = self.active()
+        if pointer is None:
+            return SLOTS[0]
+        return SLOTS[1] if pointer.current.slot == SLOTS[0] else SLOTS[0]
+
+    def _write_pointer(self, current: SlotRef, previous: SlotRef | None) -> None:
+        body = current.to_dict() | {"previous": previous.to_dict() if previous else None}
+        try:
+            atomic_write_json(self.root / ACTIVE_FILE, body)
+        except OSError as exc:
+            raise _disk_error(exc, "cannot write the active pointer") from exc
+        _LOGGER.info("active_pointer slot=%s model_id=%s version=%s previous=%s", current.slot, current.model_id,
+                     current.version, previous.version if previous else None)
+
+    def install_candidate(self, blob: bytes, *, model_id: str, version: int, deployment_id: str,
+                          max_unpacked_bytes: int) -> SlotRef:
+        """Unpack a verified artifact into the inactive slot (tmp dir, fsync, rename); active untouched."""
+        slot = self.inactive_slot()
+        ref = SlotRef(slot, model_id, version, deployment_id)
+        tmp = self.slots_dir / f".tmp-{slot}-{uuid.uuid4().hex[:8]}"
+        try:
+            artifact.unpack_artifact(blob, tmp, max_unpacked_bytes)
+            atomic_write_json(tmp / SLOT_FILE, ref.to_dict())
+            fsync_dir(tmp)
+        except ProtocolError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise StoreError(f"artifact of {deployment_id} cannot be unpacked: {exc}", "verify_error") from exc
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise _disk_error(exc, f"cannot unpack {deployment_id} into slot {slot}") from exc
+        self._forget_previous_in(slot)
+        target = self.slot_path(slot)
+        old = self.slots_dir / f".old-{slot}-{uuid.uuid4().hex[:8]}"
+        if target.exists():
+            os.replace(target, old)
+        os.replace(tmp, target)
+        fsync_dir(self.slots_dir)
+        shutil.rmtree(old, ignore_errors=True)
+        _LOGGER.info("candidate_installed slot=%s model_id=%s version=%d deployment=%s",
+                     slot, model_id, version, deployment_id)
+        return ref
+
+    def _forget_previous_in(self, slot: str) -> None:
+        """The previous model is about to be overwritten: stop offering it for rollback."""
+        pointer = self.active()
+        if pointer and pointer.previous and pointer.previous.slot == slot:
+            self._write_pointer(pointer.current, None)
+
+    def promote(self, candidate: SlotRef) -> ActivePointer:
+        """Atomically make `candidate` the active model; the old one becomes `previous`."""
+        held = self.slot_contents(candidate.slot)
+        if held != candidate:
+            raise StoreError(f"cannot promote {candidate}: slot {candidate.slot} holds {held}")
+        pointer = self.active()
+        previous = pointer.current if pointer else None
+        self._write_pointer(candidate, previous)
+        return ActivePointer(candidate, previous)
+
+    def rollback(self) -> ActivePointer:
+        """Point back at the previous model if its slot still holds it."""
+        pointer = self.active()
+        if pointer is None or pointer.previous is None:
+            raise StoreError("no previous model to roll back to")
+        if self.slot_contents(pointer.previous.slot) != pointer.previous:
+            raise StoreError(f"previous model {pointer.previous} is no longer in its slot")
+        self._write_pointer(pointer.previous, None)
+        return ActivePointer(pointer.previous, None)
+
+    def discard_candidate(self, candidate: SlotRef | None = None) -> None:
+        """Delete the inactive slot's content (a failed candidate), never the active slot."""
+        slot = candidate.slot if candidate else self.inactive_slot()
+        pointer = self.active()
+        if pointer and pointer.current.slot == slot:
+            raise StoreError(f"refusing to discard slot {slot}: it is the active slot")
+        path = self.slot_path(slot)
+        if path.exists():
+            self._forget_previous_in(slot)
+            doomed = self.slots_dir / f".old-{slot}-{uuid.uuid4().hex[:8]}"
+            os.replace(path, doomed)
+            fsync_dir(self.slots_dir)
+            shutil.rmtree(doomed, ignore_errors=True)
+            _LOGGER.info("candidate_discarded slot=%s", slot)
+
+    def model_dir(self, ref: SlotRef) -> Path:
+        return self.slot_path(ref.slot)
+
+    # -- finished deployments ---------------------------------------------------------------
+    def finished(self) -> list[str]:
+        try:
+            obj = json.loads((self.root / FINISHED_FILE).read_text())
+            return [d for d in obj if isinstance(d, str)] if isinstance(obj, list) else []
+        except (OSError, ValueError):
+            return []
+
+    def mark_finished(self, deployment_id: str) -> None:
+        ids = [d for d in self.finished() if d != deployment_id] + [deployment_id]
+        try:
+            atomic_write_json(self.root / FINISHED_FILE, ids[-FINISHED_KEEP:])
+        except OSError as exc:
+            _LOGGER.warning("finished_list_write_failed deployment=%s error=%s", deployment_id, exc)
+
+    # -- staging ----------------------------------------------------------------------------
+    def staging(self, deployment_id: str) -> Path:
+        return self.staging_dir / names.deployment_id(deployment_id)
+
+    def staged_deployments(self) -> list[str]:
+        """Deployment ids with a staging directory (finished or not), oldest first."""
+        out = []
+        for p in sorted(self.staging_dir.iterdir(), key=lambda p: p.stat().st_mtime):
+            try:
+                out.append(names.deployment_id(p.name))
+            except ProtocolError:
+                _LOGGER.warning("staging_unknown_entry removing %s", p)
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        return out
+
+    def remove_staging(self, deployment_id: str) -> None:
+        shutil.rmtree(self.staging(deployment_id), ignore_errors=True)
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+
+class Staging:
+    """A resumable download: the manifest, a preallocated data file and a bitmap of verified chunks."""
+
+    MANIFEST = "manifest.json"
+    DATA = "data.bin"
+    BITMAP = "bitmap.json"
+
+    def __init__(self, path: Path, manifest: Manifest, have: list[bool]) -> None:
+        self.path = path
+        self.manifest = manifest
+        self.have = have
+
+    @classmethod
+    def create(cls, path: Path, manifest: Manifest) -> Staging:
+        """Preallocate the file so a full disk fails now, before any chunk is accepted."""
+        tmp = path.with_name(f".{path.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            tmp.mkdir(parents=True)
+            atomic_write(tmp / cls.MANIFEST, manifest.to_json())
+            fd = os.open(tmp / cls.DATA, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, manifest.total_size)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            atomic_write_json(tmp / cls.BITMAP, {"count": manifest.chunk_count, "have": "0" * manifest.chunk_count})
+            shutil.rmtree(path, ignore_errors=True)
+            os.replace(tmp, path)
+            fsync_dir(path.parent)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise _disk_error(exc, f"cannot stage {manifest.total_size} bytes for {manifest.deployment_id}") from exc
+        return cls(path, manifest, [False] * manifest.chunk_count)
+
+    @classmethod
+    def open(cls, path: Path) -> Staging:
+        """Resume: re-verify every chunk the bitmap claims, so a torn write is simply re-requested."""
+        manifest = Manifest.from_json((path / cls.MANIFEST).read_bytes())
+        bitmap = json.loads((path / cls.BITMAP).read_text())
+        marks = str(bitmap.get("have", ""))
+        if bitmap.get("count") != manifest.chunk_count or len(marks) != manifest.chunk_count:
+            raise StoreError(f"{path}/{cls.BITMAP} does not match the manifest's {manifest.chunk_count} chunks")
+        staging = cls(path, manifest, [c == "1" for c in marks])
+        if (path / cls.DATA).stat().st_size != manifest.total_size:
+            raise StoreError(f"{path}/{cls.DATA} has the wrong size")
+        with open(path / cls.DATA, "rb") as fh:
+            for i, have in enumerate(staging.have):
+                if have:
+                    fh.seek(i * manifest.chunk_size)
+                    data = fh.read(staging.chunk_length(i))
+                    if hashlib.sha256(data).hexdigest() != manifest.chunk_sha256[i]:
+                        _LOGGER.warning("staging_chunk_corrupt deployment=%s index=%d: re-requesting",
+                                        manifest.deployment_id, i)
+                        staging.have[i] = False
+        return staging
+
+    def chunk_length(self, index: int) -> int:
+        m = self.manifest
+        return min(m.chunk_size, m.total_size - index * m.chunk_size)
+
+    def write_chunk(self, index: int, data: bytes) -> None:
+        """Write at the chunk's offset, fsync, then mark it in the bitmap (data first, mark second)."""
+        try:
+            fd = os.open(self.path / self.DATA, os.O_WRONLY)
+            try:
+                os.pwrite(fd, data, index * self.manifest.chunk_size)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self.have[index] = True
+            self._save_bitmap()
+        except OSError as exc:
+            self.have[index] = False
+            raise _disk_error(exc, f"cannot write chunk {index} of {self.manifest.deployment_id}") from exc
+
+    def _save_bitmap(self) -> None:
+        marks = "".join("1" if h else "0" for h in self.have)
+        atomic_write_json(self.path / self.BITMAP, {"count": len(self.have), "have": marks})
+
+    def missing(self) -> list[int]:
+        return [i for i, have in enumerate(self.have) if not have]
+
+    @property
+    def complete(self) -> bool:
+        return all(self.have)
+
+    def read_blob(self) -> bytes:
+        return (self.path / self.DATA).read_bytes()

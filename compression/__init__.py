@@ -1,0 +1,10 @@
+"""EdgeGuide compression: data pipeline, reference recommender, TFLite export, runtime checks.
+
+This is the only package allowed to import TensorFlow. Models are built with ``tf_keras``
+(tfmot does not support Keras 3), so the legacy-Keras switch is set here, before any
+submodule can import TensorFlow.
+"""
+
+import os
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")

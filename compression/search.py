@@ -1,0 +1,504 @@
+"""Accuracy-aware compression search: try recipes, keep the Pareto frontier, pick the smallest
+model whose NDCG@10 is at least ``floor`` x the float32 reference's.
+
+Every variant is exported with ``compression.export.export_artifact``, so its figures are the
+exported ``.tflite``'s own (full ranking on the test split) and the winning folder can be
+deployed by the server as it is. A JSON state file records finished variants: re-running the
+same command resumes where an interrupted run stopped. Each run writes ``search.json``,
+``report.md`` and ``pareto.png`` into its output folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import platform
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tf_keras as keras
+from ai_edge_litert.interpreter import Interpreter
+from tqdm.auto import tqdm
+
+from compression.data import Dataset
+from compression.export import export_artifact
+from compression.report import markdown_table, pareto_front, pareto_plot
+from compression.techniques import (
+    ActivationPruning,
+    CPDecomposition,
+    FeatureDistillation,
+    GradientPruning,
+    LinearQuantization,
+    LogQuantization,
+    MagnitudePruning,
+    PostTrainingQuantization,
+    QuantizationAwareTraining,
+    Recipe,
+    SoftDistillation,
+    StepResult,
+    StudentShape,
+    Technique,
+    TruncatedSVD,
+    WeightClustering,
+)
+from compression.tflite_eval import INPUT_NAME, RECOMMEND
+
+_LOGGER = logging.getLogger(__name__)
+
+STATE_FORMAT = 1
+PROFILES = ("quick", "full")
+
+
+class SearchError(Exception):
+    """Raised when a search cannot run or resume as asked."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One candidate: a named chain of technique steps (a technique alone is a one-step chain)."""
+
+    name: str
+    steps: tuple[Technique, ...]
+
+    def recipe(self) -> Recipe:
+        """The steps as a ``Recipe``."""
+        return Recipe(list(self.steps), name=self.name)
+
+
+@dataclass(frozen=True)
+class LatencyConfig:
+    """How long the host latency pass runs (quick for smoke runs; never a device figure)."""
+
+    warmup_runs: int = 10
+    warmup_seconds: float = 0.5
+    min_runs: int = 200
+    min_seconds: float = 1.0
+    threads: int = 1
+
+    @classmethod
+    def for_profile(cls, profile: str) -> LatencyConfig:
+        """Quick: a few hundred runs; full: >= 1024 runs and >= 3 s after >= 2 s warm-up."""
+        if profile == "full":
+            return cls(warmup_runs=10, warmup_seconds=2.0, min_runs=1024, min_seconds=3.0)
+        return cls()
+
+
+def measure_host_latency(tflite_path: str | Path, histories: np.ndarray, config: LatencyConfig) -> dict:
+    """Latency of the ``recommend`` signature on this host, cycling through real histories."""
+    interpreter = Interpreter(model_path=str(tflite_path), num_threads=config.threads)
+    run = interpreter.get_signature_runner(RECOMMEND)
+    rows = [np.asarray(h, dtype=np.int32)[None, :] for h in histories]
+    start, i = time.perf_counter(), 0
+    while i < config.warmup_runs or time.perf_counter() - start < config.warmup_seconds:
+        run(**{INPUT_NAME: rows[i % len(rows)]})
+        i += 1
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < config.min_runs or time.perf_counter() - start < config.min_seconds:
+        t0 = time.perf_counter()
+        run(**{INPUT_NAME: rows[len(times) % len(rows)]})
+        times.append((time.perf_counter() - t0) * 1000.0)
+    ms = np.array(times)
+    return {"p50": float(np.percentile(ms, 50)), "p90": float(np.percentile(ms, 90)),
+            "p99": float(np.percentile(ms, 99)), "mean": float(ms.mean()), "n": len(ms),
+            "threads": config.threads}
+
+
+def default_variants(profile: str = "full") -> list[Variant]:
+    """Every technique alone plus the recipes worth trying; ``quick`` shortens all training.
+
+    The recipes follow the size budget: item_embedding (V x d) and logits (d x V) dominate,
+    so they shrink d (a distilled student, structured pruning, low rank) and end in int8.
+    QAT's per-tensor int8 matters here: per-channel PTQ stores a scale and zero point for
+    each of the V output channels (twice: both signatures), which costs more than the 16x
+    budget on the full item set.
+    """
+    if profile not in PROFILES:
+        raise SearchError(f"profile must be one of {PROFILES}, got {profile!r}")
+    quick = profile == "quick"
+    tune = 0.5 if quick else 1.0           # fine-tuning epochs after a structural edit
+    student_epochs = 2.0 if quick else 5.0
+    student, tiny = StudentShape(24, 128), StudentShape(16, 128)
+    soft = SoftDistillation(student=student, epochs=student_epochs)
+    soft_tiny = SoftDistillation(student=tiny, epochs=student_epochs)
+    feature = FeatureDistillation(student=student, epochs=student_epochs)
+    int8 = PostTrainingQuantization("int8")
+    qat = QuantizationAwareTraining(epochs=tune, export_mode="int8")
+    slim = {"item_embedding": 0.75, "hidden": 0.5, "projection": 0.75}
+    low_rank = {"item_embedding": {"rank": 16}, "logits": {"rank": 16}}
+    alone = [
+        Variant("prune-magnitude", (MagnitudePruning(target=0.8, method="tfmot", epochs=tune),)),
+        Variant("prune-magnitude-oneshot", (MagnitudePruning(target=0.5, method="oneshot"),)),
+        Variant("prune-activation", (ActivationPruning(epochs=tune),)),
+        Variant("prune-gradient", (GradientPruning(epochs=tune),)),
+        Variant("quant-linear-4bit", (LinearQuantization(bits=4, granularity="row"),)),
+        Variant("ptq-dynamic", (PostTrainingQuantization("dynamic"),)),
+        Variant("ptq-int8", (int8,)),
+        Variant("ptq-float16", (PostTrainingQuantization("float16"),)),
+        Variant("qat", (qat,)),
+        Variant("cluster-16", (WeightClustering(clusters=16, epochs=tune),)),
+        Variant("quant-log-4bit", (LogQuantization(bits=4),)),
+        Variant("distill-soft", (soft,)),
+        Variant("distill-feature", (feature,)),
+        Variant("svd", (TruncatedSVD(epochs=tune),)),
+        Variant("cp", (CPDecomposition(rank=32, epochs=tune),)),
+    ]
+    recipes = [
+        Variant("prune-magnitude+int8", (MagnitudePruning(target=0.8, method="tfmot", epochs=tune), int8)),
+        Variant("cluster-16+float16", (WeightClustering(clusters=16, epochs=tune),
+                                       PostTrainingQuantization("float16"))),
+        Variant("svd+qat", (TruncatedSVD(rules=low_rank, epochs=tune), qat)),
+        Variant("cp+svd+qat", (CPDecomposition(rank=32, epochs=tune),
+                               TruncatedSVD(rules={"logits": {"rank": 16}}, epochs=tune), qat)),
+        Variant("prune-activation+svd+int8", (
+            ActivationPruning(epochs=tune), TruncatedSVD(rules={"logits": {"rank": 16}}, epochs=tune), int8)),
+        Variant("distill-soft+int8", (soft, int8)),
+        Variant("distill-soft+qat", (soft, qat)),
+        Variant("distill-soft16+qat", (soft_tiny, qat)),
+        Variant("distill-soft+svd+qat", (soft, TruncatedSVD(rules=low_rank, epochs=tune), qat)),
+        Variant("distill-soft+prune-activation+qat", (soft, ActivationPruning(keep=slim, epochs=tune), qat)),
+        Variant("distill-soft+prune-gradient+qat", (soft, GradientPruning(keep=slim, epochs=tune), qat)),
+        Variant("distill-feature+prune-activation+qat",
+                (feature, ActivationPruning(keep=slim, epochs=tune), qat)),
+        Variant("distill-feature+prune-gradient+svd+int8", (
+            feature, GradientPruning(keep={"hidden": 0.5}, epochs=tune),
+            TruncatedSVD(rules=low_rank, epochs=tune), int8)),
+    ]
+    return alone + recipes
+
+
+def _size_note(result: StepResult, metrics: dict) -> str | None:
+    """What the raw .tflite size hides: simulated low-bit tables, zeros that only gzip sees."""
+    parts = []
+    for name, notes in result.notes.items():
+        if isinstance(notes, dict) and notes.get("simulated"):
+            packed = sum(layer.get("packed_bytes", 0) for layer in notes.get("layers", {}).values())
+            parts.append(f"{name} is simulated: the .tflite holds float weights; the {notes['bits']}-bit "
+                         f"tables would pack into {packed / 1024:.1f} KiB")
+        if isinstance(notes, dict) and "sparsity" in notes:
+            parts.append(f"{name}: sparsity {notes['sparsity']:.2f}; the .tflite does not shrink, "
+                         f"gzip {metrics['gzip_bytes'] / 1024:.1f} KiB")
+        if isinstance(notes, dict) and "distinct" in notes:
+            parts.append(f"{name}: {notes['clusters']} values per kernel; "
+                         f"gzip {metrics['gzip_bytes'] / 1024:.1f} KiB")
+    return "; ".join(parts) or None
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+def _write_json_atomic(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(_jsonable(payload), indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _figures(metrics: dict, latency: dict) -> dict:
+    return {"tflite_bytes": metrics["tflite_bytes"], "gzip_bytes": metrics["gzip_bytes"],
+            "hr10": metrics["hr10"], "ndcg10": metrics["ndcg10"], "mrr": metrics["mrr"],
+            "host_p50_ms": latency["p50"], "host_p90_ms": latency["p90"], "latency": latency,
+            "runtimes": metrics.get("runtimes", {}), "ops": metrics.get("ops", [])}
+
+
+class _PrefixCache:
+    """Results of recipe prefixes, so recipes sharing a first step (a student) train it once."""
+
+    def __init__(self) -> None:
+        self._results: dict[tuple[str, ...], StepResult] = {}
+
+    def run(self, variant: Variant, model: keras.Model, dataset: Dataset) -> StepResult:
+        keys = [repr(step) for step in variant.steps]
+        start, current = 0, StepResult(model=model, techniques=[])
+        for n in range(len(keys), 0, -1):
+            if tuple(keys[:n]) in self._results:
+                start, current = n, self._results[tuple(keys[:n])]
+                break
+        if start:
+            _LOGGER.info("variant %s: reusing the result of its first %d step(s)", variant.name, start)
+        for n in range(start, len(keys)):
+            if current.terminal:
+                raise SearchError(f"variant {variant.name!r}: step {n} ({keys[n]}) follows a terminal step")
+            step_result = Recipe([variant.steps[n]]).apply(current.model, dataset)
+            notes = dict(current.notes)
+            notes.update(step_result.notes)
+            quantization = step_result.quantization
+            if quantization == "none":
+                quantization = current.quantization
+            current = StepResult(step_result.model, current.techniques + step_result.techniques, notes,
+                                 quantization, step_result.terminal)
+            self._results[tuple(keys[:n + 1])] = current
+        return current
+
+
+@dataclass
+class SearchRun:
+    """Where a search writes and what it compares against."""
+
+    out_dir: Path
+    floor: float = 0.99
+    k: int = 20
+    check_compat: bool = True
+    latency: LatencyConfig = dataclasses.field(default_factory=LatencyConfig)
+    run_name: str = ""
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.floor <= 1.5:
+            raise SearchError(f"floor must be in (0, 1.5], got {self.floor}")
+        self.out_dir = Path(self.out_dir)
+        self.run_name = self.run_name or self.out_dir.name
+
+
+def _data_fingerprint(dataset: Dataset) -> dict:
+    return {"customers": len(dataset.customers), "items": dataset.num_items,
+            "interactions": dataset.num_interactions, "source": dataset.source}
+
+
+def _load_state(path: Path, fingerprint: dict) -> dict:
+    if not path.is_file():
+        return {"format": STATE_FORMAT, "data": fingerprint, "reference": None, "variants": {}}
+    state = json.loads(path.read_text(encoding="utf-8"))
+    if state.get("format") != STATE_FORMAT:
+        raise SearchError(f"{path}: state format {state.get('format')!r}, expected {STATE_FORMAT}")
+    if state.get("data") != fingerprint:
+        raise SearchError(f"{path} was written for data {state.get('data')} but this run has {fingerprint}; "
+                          "use another --out folder (or --fresh) for a different dataset")
+    _LOGGER.info("resuming from %s: %d variant(s) done", path, len(state["variants"]))
+    return state
+
+
+def run_search(reference: keras.Model, dataset: Dataset, variants: Sequence[Variant], run: SearchRun,
+               *, training: dict | None = None,
+               on_variant: Callable[[dict], None] | None = None) -> dict:
+    """Export the reference and every variant, rank them, and write the run's outputs.
+
+    Returns the result dict (also written as ``search.json``): ``reference``, ``baselines``,
+    ``variants``, ``pareto`` (names), ``best`` and the ``floor``.
+    """
+    names = [v.name for v in variants]
+    if len(set(names)) != len(names):
+        raise SearchError(f"variant names must be unique, got {names}")
+    out = run.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    state_path = out / "state.json"
+    state = _load_state(state_path, _data_fingerprint(dataset))
+    window = int(reference.inputs[0].shape[1])
+    golden = dataset.eval_histories("test", window)[0][:256]
+
+    if state["reference"] is None:
+        _LOGGER.info("exporting the float32 reference")
+        path = export_artifact(reference, dataset, out / "reference", model_id=f"{run.run_name}-reference",
+                               k=run.k, quantization="none", techniques=[], training=training or {},
+                               check_compat=run.check_compat)
+        metrics = json.loads((path / "metrics.json").read_text(encoding="utf-8"))
+        latency = measure_host_latency(path / "model.tflite", golden, run.latency)
+        state["reference"] = {"name": "reference", "techniques": [], "recipe": [], "quantization": "none",
+                              "params": int(reference.count_params()), "artifact": str(path),
+                              **_figures(metrics, latency)}
+        state["baselines"] = metrics["baselines"]
+        _write_json_atomic(state_path, state)
+    ref = state["reference"]
+    ref_figures = {key: ref[key] for key in ("tflite_bytes", "gzip_bytes", "hr10", "ndcg10", "mrr")}
+
+    cache = _PrefixCache()
+    todo = [v for v in variants if v.name not in state["variants"]]
+    bar = tqdm(total=len(variants), initial=len(variants) - len(todo), desc="search", unit="variant",
+               disable=not run.progress)
+    for variant in todo:
+        bar.set_postfix_str(variant.name)
+        started = time.perf_counter()
+        try:
+            result = cache.run(variant, reference, dataset)
+            path = export_artifact(result.model, dataset, out / "variants" / variant.name,
+                                   model_id=f"{run.run_name}-{variant.name}", k=run.k,
+                                   quantization=result.quantization, techniques=result.techniques,
+                                   training={"recipe": result.techniques, "notes": _jsonable(result.notes)},
+                                   reference=ref_figures, check_compat=run.check_compat)
+            metrics = json.loads((path / "metrics.json").read_text(encoding="utf-8"))
+            latency = measure_host_latency(path / "model.tflite", golden, run.latency)
+            row = {"name": variant.name, "techniques": sorted(set(result.techniques)),
+                   "recipe": result.techniques, "quantization": result.quantization,
+                   "params": int(result.model.count_params()), "artifact": str(path),
+                   **_figures(metrics, latency), "size_note": _size_note(result, metrics),
+                   "notes": _jsonable(result.notes)}
+        except Exception as exc:  # one failing variant must not end a long search; the row says why
+            _LOGGER.exception("variant %s failed", variant.name)
+            row = {"name": variant.name, "techniques": sorted({s.name for s in variant.steps}),
+                   "recipe": [s.name for s in variant.steps], "error": f"{type(exc).__name__}: {exc}"}
+        row["seconds"] = time.perf_counter() - started
+        state["variants"][variant.name] = row
+        _write_json_atomic(state_path, state)
+        if on_variant is not None:
+            on_variant(row)
+        if "error" not in row:
+            _LOGGER.info("variant %s: %d bytes (%.1fx), NDCG@10 %.4f (%.3f x ref), p50 %.3f ms",
+                         variant.name, row["tflite_bytes"], ref["tflite_bytes"] / row["tflite_bytes"],
+                         row["ndcg10"], row["ndcg10"] / ref["ndcg10"], row["host_p50_ms"])
+        bar.update(1)
+    bar.close()
+    return finish_search(state, [v.name for v in variants], run)
+
+
+def select_best(rows: Sequence[dict], reference: dict, floor: float) -> dict | None:
+    """The smallest .tflite whose NDCG@10 >= floor x the reference's (ties: higher NDCG)."""
+    needed = floor * reference["ndcg10"]
+    ok = [r for r in rows if not r.get("error") and r["ndcg10"] >= needed]
+    if not ok:
+        return None
+    return min(ok, key=lambda r: (r["tflite_bytes"], -r["ndcg10"]))
+
+
+def finish_search(state: dict, names: Sequence[str], run: SearchRun) -> dict:
+    """Rank the finished variants, copy the best artifact to ``best/`` and write the reports."""
+    out = run.out_dir
+    rows = [state["variants"][n] for n in names if n in state["variants"]]
+    ref = state["reference"]
+    chosen = select_best(rows, ref, run.floor)
+    best_dir = out / "best"
+    if chosen is None:
+        _LOGGER.warning("no variant reached NDCG@10 >= %.3f x reference; best = the reference", run.floor)
+        chosen = ref
+    if best_dir.exists():
+        shutil.rmtree(best_dir)
+    shutil.copytree(chosen["artifact"], best_dir)
+    best = {key: chosen.get(key) for key in ("name", "techniques", "recipe", "quantization", "tflite_bytes",
+                                             "gzip_bytes", "hr10", "ndcg10", "mrr", "host_p50_ms",
+                                             "host_p90_ms", "runtimes", "params")}
+    best.update({"artifact": str(best_dir.resolve()), "source_artifact": chosen["artifact"],
+                 "met_floor": chosen is not ref,
+                 "x_smaller": ref["tflite_bytes"] / chosen["tflite_bytes"],
+                 "ndcg_ratio": chosen["ndcg10"] / ref["ndcg10"]})
+    result = {
+        "run": run.run_name, "floor": run.floor, "data": state["data"],
+        "host": {"machine": platform.machine(), "processor": platform.processor() or None,
+                 "cpus": os.cpu_count(), "latency": dataclasses.asdict(run.latency)},
+        "reference": ref, "baselines": state.get("baselines", {}), "variants": rows,
+        "pareto": pareto_front(rows), "best": best,
+    }
+    _write_json_atomic(out / "search.json", result)
+    (out / "report.md").write_text(markdown_table(result), encoding="utf-8")
+    pareto_plot(result, out / "pareto.png")
+    _LOGGER.info("search done: best %s (%d bytes, %.1fx smaller, NDCG@10 %.4f); reports in %s",
+                 best["name"], best["tflite_bytes"], best["x_smaller"], best["ndcg10"], out)
+    return result
+
+
+def load_reference_model(path: str | Path, dataset: Dataset, window: int = 20) -> keras.Model:
+    """A saved Keras model (.keras/.h5) or weights (.weights.h5) of the reference architecture."""
+    from compression.model import build_reference
+
+    path = Path(path)
+    if not path.exists():
+        raise SearchError(f"reference model {path} does not exist")
+    if path.name.endswith(".weights.h5"):
+        model = build_reference(dataset.num_items, window=window)
+        model.load_weights(str(path))
+        return model
+    return keras.models.load_model(str(path), compile=False)
+
+
+def obtain_reference(dataset: Dataset, out_dir: Path, *, reference_path: str | None, preset: str,
+                     window: int = 20, epochs: int | None = None) -> tuple[keras.Model, dict]:
+    """Load the given reference, or the one cached in ``out_dir``, or train it (and cache it).
+
+    ``epochs`` overrides the preset's (a slice of customers needs more passes to learn).
+    """
+    from compression.train import TrainConfig, train_reference
+
+    cached = out_dir / "reference.weights.h5"
+    meta_path = out_dir / "reference.training.json"
+    if reference_path:
+        return load_reference_model(reference_path, dataset, window), {"source": str(reference_path)}
+    if cached.is_file():
+        _LOGGER.info("using the reference cached in %s", cached)
+        meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
+        return load_reference_model(cached, dataset, window), meta
+    overrides = {"window": window} | ({"epochs": epochs} if epochs else {})
+    config = TrainConfig.full(**overrides) if preset == "full" else TrainConfig.quick(**overrides)
+    model, history = train_reference(dataset, config, progress=False)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_weights(str(cached))
+    meta = {"config": config.to_dict(), "history": history}
+    _write_json_atomic(meta_path, meta)
+    return model, meta
+
+
+def register_search_subcommand(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``search`` to the ``edgeguide-compress`` CLI; the parser's ``func`` runs it."""
+    parser = subparsers.add_parser(
+        "search", help="accuracy-aware compression search (Pareto report, resumable)",
+        description="Try every technique and recipe on the reference, keep the Pareto frontier and "
+                    "export the smallest model with NDCG@10 >= floor x reference.")
+    parser.add_argument("--floor", type=float, default=0.99,
+                        help="NDCG@10 floor as a fraction of the reference's")
+    parser.add_argument("--out", default="reports/search", help="output folder (re-running resumes it)")
+    parser.add_argument("--profile", choices=PROFILES, default="full",
+                        help="training lengths of the variants")
+    parser.add_argument("--reference", default=None,
+                        help="saved Keras reference (.keras/.h5 or .weights.h5); default: train one")
+    parser.add_argument("--train-preset", choices=("quick", "full"), default="full",
+                        help="TrainConfig preset when the reference must be trained")
+    parser.add_argument("--max-customers", type=int, default=None, help="use the first N customers only")
+    parser.add_argument("--data", default=None, help="data source folder (default: compression.data's)")
+    parser.add_argument("--variants", default=None,
+                        help="comma-separated variant names to run (default: all)")
+    parser.add_argument("--no-compat", action="store_true", help="skip the runtime loadability checks")
+    parser.add_argument("--fresh", action="store_true", help="discard the state of an earlier run in --out")
+    parser.add_argument("--list", action="store_true", help="list the variant names and exit")
+    parser.set_defaults(func=search_command)
+    return parser
+
+
+def select_variants(all_variants: Sequence[Variant], wanted: str | None) -> list[Variant]:
+    """Filter by a comma-separated list of names, naming unknown ones in the error."""
+    if not wanted:
+        return list(all_variants)
+    names = [n.strip() for n in wanted.split(",") if n.strip()]
+    known = {v.name: v for v in all_variants}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SearchError(f"unknown variants {unknown}; known: {sorted(known)}")
+    return [known[n] for n in names]
+
+
+def search_command(args: argparse.Namespace) -> int:
+    """Entry point of ``edgeguide-compress search``; returns the exit code."""
+    from compression.data import load_dataset
+
+    variants = select_variants(default_variants(args.profile), args.variants)
+    if args.list:
+        for variant in variants:
+            print(f"{variant.name}: {' -> '.join(step.name for step in variant.steps)}")
+        return 0
+    out = Path(args.out)
+    if args.fresh and (out / "state.json").exists():
+        (out / "state.json").unlink()
+    dataset = load_dataset(args.data, max_customers=args.max_customers)
+    reference, training = obtain_reference(dataset, out, reference_path=args.reference,
+                                           preset=args.train_preset)
+    run = SearchRun(out_dir=out, floor=args.floor, check_compat=not args.no_compat,
+                    latency=LatencyConfig.for_profile(args.profile))
+    result = run_search(reference, dataset, variants, run, training=training)
+    best = result["best"]
+    recipe = " -> ".join(best["recipe"]) or "reference"
+    print(f"best: {best['name']} ({recipe}) {best['tflite_bytes']} bytes, "
+          f"{best['x_smaller']:.1f}x smaller, NDCG@10 {best['ndcg10']:.4f} ({best['ndcg_ratio']:.3f} x ref)")
+    print(f"artifact: {best['artifact']}\nreport: {out / 'report.md'}\nplot: {out / 'pareto.png'}")
+    return 0 if best["met_floor"] else 1

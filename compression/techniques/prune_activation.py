@@ -1,0 +1,80 @@
+"""Activation-based structured pruning: rank units by how much they fire on real histories.
+
+Units that are almost always zero (ReLU) or small carry little signal to the next layer;
+removing them physically shrinks the layers (see ``surgery``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import tf_keras as keras
+
+from compression.data import Dataset
+from compression.techniques.base import StepResult, TechniqueError
+from compression.techniques.common import calibration_histories, model_window
+from compression.techniques.surgery import DEFAULT_KEEP, structured_prune, unit_groups
+
+_LOGGER = logging.getLogger(__name__)
+
+CRITERIA = ("mean", "nonzero")
+
+
+def activation_statistics(model: keras.Model, histories: np.ndarray, layers: list[str],
+                          batch_size: int = 256) -> dict[str, dict[str, np.ndarray]]:
+    """Per layer and unit: mean |activation| and fraction of exact zeros over ``histories``.
+
+    Embedding outputs count every history position as one row.
+    """
+    probe = keras.Model(model.inputs, [model.get_layer(name).output for name in layers])
+    sums: dict[str, np.ndarray] = {}
+    zeros: dict[str, np.ndarray] = {}
+    rows: dict[str, int] = dict.fromkeys(layers, 0)
+    for start in range(0, len(histories), batch_size):
+        outputs = probe(histories[start:start + batch_size], training=False)
+        outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+        for name, out in zip(layers, outputs, strict=True):
+            a = out.numpy().reshape(-1, out.shape[-1])
+            sums[name] = sums.get(name, 0) + np.abs(a).sum(axis=0, dtype=np.float64)
+            zeros[name] = zeros.get(name, 0) + (a == 0).sum(axis=0)
+            rows[name] += a.shape[0]
+    return {name: {"mean_abs": sums[name] / rows[name], "zero_fraction": zeros[name] / rows[name]}
+            for name in layers}
+
+
+def activation_scores(model: keras.Model, histories: np.ndarray, layers: list[str],
+                      criterion: str = "mean") -> dict[str, np.ndarray]:
+    """Importance per unit: mean |activation| ("mean") or fraction of non-zero outputs ("nonzero")."""
+    if criterion not in CRITERIA:
+        raise TechniqueError(f"activation criterion must be one of {CRITERIA}, got {criterion!r}")
+    stats = activation_statistics(model, histories, layers)
+    if criterion == "mean":
+        return {name: stats[name]["mean_abs"] for name in layers}
+    return {name: 1.0 - stats[name]["zero_fraction"] for name in layers}
+
+
+@dataclass
+class ActivationPruning:
+    """Technique ``prune-activation``: keep the given fraction of units per layer, then fine-tune."""
+
+    keep: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_KEEP))
+    criterion: str = "mean"
+    calibration: int = 1024
+    epochs: float = 1.0
+    max_pairs: int | None = None
+    name: str = "prune-activation"
+
+    def apply(self, model: keras.Model, dataset: Dataset) -> StepResult:
+        """Score units on real training histories, remove the weakest, fine-tune."""
+        groups = unit_groups(model)
+        keep = {name: fraction for name, fraction in self.keep.items() if name in groups}
+        if not keep:
+            raise TechniqueError(f"none of {list(self.keep)} has removable units; removable: {groups}")
+        histories = calibration_histories(dataset, model_window(model), self.calibration)
+        scores = activation_scores(model, histories, list(keep), self.criterion)
+        return structured_prune(model, dataset, scores, keep, epochs=self.epochs, technique=self.name,
+                                max_pairs=self.max_pairs,
+                                extra_notes={"criterion": self.criterion, "calibration": len(histories)})

@@ -1,0 +1,139 @@
+"""Truncated-SVD low-rank factorisation of Dense kernels and the item embedding table.
+
+W [m, n] ~= U_r S_r V_r^T is stored as two factors A = U_r S_r [m, r] and B = V_r^T [r, n],
+i.e. r (m + n) numbers instead of m n. Each replaced layer becomes two plain layers:
+Dense(r, no bias) -> Dense(n, bias, activation), or Embedding(V+1, r) -> Dense(d, no bias) for
+the table, which export to FULLY_CONNECTED/GATHER builtins every runtime loads.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import tf_keras as keras
+
+from compression.data import Dataset
+from compression.techniques.base import StepResult, TechniqueError
+from compression.techniques.common import (
+    LayerSpec,
+    chain_layers,
+    copy_specs,
+    fine_tune,
+    model_window,
+    rebuild,
+)
+
+_LOGGER = logging.getLogger(__name__)
+
+# Per-layer rank rule: {"energy": 0.9} (retained sum of squared singular values),
+# {"ratio": 0.25} (factor size / original size), or {"rank": 16}.
+DEFAULT_RULES = {"item_embedding": {"ratio": 0.25}, "hidden": {"ratio": 0.25}, "logits": {"ratio": 0.25}}
+
+
+def rank_for_energy(singular_values: np.ndarray, energy: float) -> int:
+    """Smallest r whose top-r singular values keep ``energy`` of sum(s^2)."""
+    if not 0.0 < energy <= 1.0:
+        raise TechniqueError(f"energy must be in (0, 1], got {energy}")
+    s2 = np.square(np.asarray(singular_values, dtype=np.float64))
+    if s2.sum() == 0:
+        return 1
+    kept = np.cumsum(s2) / s2.sum()
+    return int(min(len(s2), np.searchsorted(kept, energy - 1e-12) + 1))
+
+
+def rank_for_size(shape: tuple[int, int], ratio: float) -> int:
+    """Largest r (>= 1) with r (m + n) <= ratio * m * n."""
+    if ratio <= 0.0:
+        raise TechniqueError(f"size ratio must be > 0, got {ratio}")
+    m, n = shape
+    return int(max(1, min(min(m, n), np.floor(ratio * m * n / (m + n)))))
+
+
+def choose_rank(matrix: np.ndarray, singular_values: np.ndarray, rule: Mapping[str, float]) -> int:
+    """Apply one rank rule (see ``DEFAULT_RULES``)."""
+    if len(rule) != 1:
+        raise TechniqueError(f"a rank rule has exactly one of 'energy', 'ratio', 'rank'; got {dict(rule)}")
+    (kind, value), = rule.items()
+    if kind == "energy":
+        return rank_for_energy(singular_values, value)
+    if kind == "ratio":
+        return rank_for_size(matrix.shape, value)
+    if kind == "rank":
+        if not 1 <= int(value) <= min(matrix.shape):
+            raise TechniqueError(f"rank must be in [1, {min(matrix.shape)}] for shape {matrix.shape}, "
+                                 f"got {value}")
+        return int(value)
+    raise TechniqueError(f"unknown rank rule {kind!r}; use 'energy', 'ratio' or 'rank'")
+
+
+def truncated_svd(matrix: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(A [m, r], B [r, n], all singular values) with A @ B the best rank-r approximation."""
+    u, s, vt = np.linalg.svd(np.asarray(matrix, dtype=np.float64), full_matrices=False)
+    return (u[:, :rank] * s[:rank]).astype(np.float32), vt[:rank].astype(np.float32), s
+
+
+def relative_error(matrix: np.ndarray, approx: np.ndarray) -> float:
+    """Frobenius ||W - W_r|| / ||W||."""
+    return float(np.linalg.norm(matrix - approx) / max(np.linalg.norm(matrix), 1e-12))
+
+
+def factorize(model: keras.Model, rules: Mapping[str, Mapping[str, float]]) -> tuple[keras.Model, dict]:
+    """Replace each named Dense/Embedding layer by its two SVD factors; returns (model, per-layer notes)."""
+    specs = copy_specs(model)
+    names = [layer.name for layer in chain_layers(model)]
+    notes = {}
+    out: list[LayerSpec] = []
+    for spec in specs:
+        name = spec.layer.name
+        if name not in rules:
+            out.append(spec)
+            continue
+        matrix = spec.weights[0]
+        if type(spec.layer) not in (keras.layers.Dense, keras.layers.Embedding):
+            raise TechniqueError(f"layer {name!r} is a {type(spec.layer).__name__}; "
+                                 "SVD needs Dense or Embedding")
+        s_all = np.linalg.svd(matrix.astype(np.float64), compute_uv=False)
+        rank = choose_rank(matrix, s_all, rules[name])
+        a, b, _ = truncated_svd(matrix, rank)
+        notes[name] = {"shape": list(matrix.shape), "rank": rank, "params_before": int(matrix.size),
+                       "params_after": int(a.size + b.size), "relative_error": relative_error(matrix, a @ b),
+                       "energy": float(np.sum(s_all[:rank] ** 2) / np.sum(s_all ** 2))}
+        if isinstance(spec.layer, keras.layers.Embedding):
+            table = keras.layers.Embedding(matrix.shape[0], rank, name=name)
+            up = keras.layers.Dense(matrix.shape[1], use_bias=False, name=f"{name}_up")
+            out += [LayerSpec(table, [a]), LayerSpec(up, [b])]
+        else:
+            down = keras.layers.Dense(rank, use_bias=False, name=f"{name}_down")
+            config = spec.layer.get_config()
+            config["name"] = name
+            up = keras.layers.Dense.from_config(config)
+            out += [LayerSpec(down, [a]), LayerSpec(up, [b] + spec.weights[1:])]
+    unknown = sorted(set(rules) - set(names))
+    if unknown:
+        raise TechniqueError(f"SVD rules name layers {unknown} the model does not have; layers: {names}")
+    return rebuild(model_window(model), out, model.name), notes
+
+
+@dataclass
+class TruncatedSVD:
+    """Technique ``svd``: factorise the named layers by rank rule, then fine-tune."""
+
+    rules: Mapping[str, Mapping[str, float]] = field(default_factory=lambda: dict(DEFAULT_RULES))
+    epochs: float = 1.0
+    learning_rate: float = 5e-4
+    max_pairs: int | None = None
+    name: str = "svd"
+
+    def apply(self, model: keras.Model, dataset: Dataset) -> StepResult:
+        """Factorise and fine-tune; notes carry each layer's rank and reconstruction error."""
+        factored, layers = factorize(model, self.rules)
+        history = fine_tune(factored, dataset, epochs=self.epochs, learning_rate=self.learning_rate,
+                            max_pairs=self.max_pairs)
+        _LOGGER.info("svd: %s; params %d -> %d", {k: v["rank"] for k, v in layers.items()},
+                     model.count_params(), factored.count_params())
+        notes = {"layers": layers, "params_before": int(model.count_params()),
+                 "params_after": int(factored.count_params()), "fine_tune": history}
+        return StepResult(factored, [self.name], notes)

@@ -1,0 +1,372 @@
+"""Deployment of one registered artifact to one device: manifest, chunks, report, gate, verdict.
+
+The deployer keeps no state of its own between messages: every step reads and updates the
+deployment row in the registry, so a restarted server (or another server process sharing the
+database) continues any deployment from its recorded status. Status changes that two processes
+might race on are made with conditional UPDATEs.
+
+Status flow: pending -> transferring -> measuring -> passed | failed -> promoted | rolled_back;
+rejected (refused before or during transfer) and timeout end a deployment early.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from protocol import chunking
+from protocol.limits import DEFAULT_LIMITS
+from protocol.messages import Command, Event, Manifest, Report, Verdict
+from protocol.topics import Topics
+from server import gate, reports
+from server.policy import Policy
+from server.registry import ACTIVE, ArtifactRecord, DeploymentRecord, Registry, RegistryError
+
+_LOGGER = logging.getLogger(__name__)
+
+Publish = Callable[[str, bytes], None]
+ChunkTransform = Callable[[str, int, bytes], bytes]
+
+
+class DeployError(Exception):
+    """A deployment cannot be started; the message says why and what to do."""
+
+
+class UnknownDeviceError(DeployError):
+    """The target device has never announced itself on up/state."""
+
+
+class IncompatibleRuntimeError(DeployError):
+    """The artifact's export-time check says the device's runtime cannot load it."""
+
+
+@dataclass(frozen=True)
+class DeployerConfig:
+    """Transfer parameters; `max_resends` bounds how often one chunk is sent again before giving up."""
+
+    chunk_size: int = DEFAULT_LIMITS.default_chunk_bytes
+    deadline_s: float = 1800.0
+    max_resends: int = 10
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.chunk_size <= DEFAULT_LIMITS.max_chunk_bytes:
+            raise ValueError(f"chunk_size must be in [1, {DEFAULT_LIMITS.max_chunk_bytes}], got {self.chunk_size}")
+        if self.deadline_s <= 0:
+            raise ValueError(f"deadline_s must be > 0, got {self.deadline_s}")
+        if self.max_resends < 0:
+            raise ValueError(f"max_resends must be >= 0, got {self.max_resends}")
+
+
+def runtime_incompatibility(artifact: ArtifactRecord, runtime_key: str | None) -> str | None:
+    """Why `runtime_key` (name==version) cannot load the artifact per metrics.json, or None."""
+    runtimes = artifact.metrics.get("runtimes")
+    if not runtime_key or not isinstance(runtimes, dict):
+        return None
+    entry = runtimes.get(runtime_key)
+    if not isinstance(entry, dict) or entry.get("loads") is not False:
+        return None
+    return f"{artifact.id} does not load on {runtime_key}: {entry.get('error') or 'no error text'}"
+
+
+class Deployer:
+    """Runs deployments over a `publish(topic, payload)` function with registry-backed state."""
+
+    def __init__(self, registry: Registry, key: Ed25519PrivateKey, publish: Publish, *,
+                 topics: Topics | None = None, policy: Policy, config: DeployerConfig | None = None,
+                 chunk_transform: ChunkTransform | None = None) -> None:
+        self.registry = registry
+        self.key = key
+        self.publish = publish
+        self.topics = topics or Topics()
+        self.policy = policy
+        self.config = config or DeployerConfig()
+        # Fault injection for tests and the HIL rig: rewrites a chunk's data before framing, so the
+        # frame is self-consistent but no longer matches the signed manifest.
+        self.chunk_transform = chunk_transform
+        self._blobs: OrderedDict[str, bytes] = OrderedDict()
+
+    # ---- creation --------------------------------------------------------------------------
+    def create(self, model_id: str, device_id: str, *, version: int | None = None, policy: Policy | None = None,
+               force: bool = False, chunk_size: int | None = None) -> DeploymentRecord:
+        """Record a pending deployment after checking the device and its runtime.
+
+        Raises UnknownDeviceError for a device never seen (unless `force`), and
+        IncompatibleRuntimeError (after recording a rejected deployment) when the artifact's
+        runtime check says the device cannot load it.
+        """
+        artifact = self.registry.artifact(model_id, version)
+        device = self.registry.find_device(device_id)
+        if device is None and not force:
+            known = [d.device_id for d in self.registry.devices()]
+            raise UnknownDeviceError(
+                f"device {device_id!r} has never been seen (no up/state received); known devices: "
+                f"{known or 'none'}. Start its agent first, or force the deployment.")
+        policy = policy or self.policy
+        size = chunk_size or self.config.chunk_size
+        why = runtime_incompatibility(artifact, device.runtime_key if device else None)
+        if why and not force:
+            self.registry.create_deployment(artifact, device_id, chunk_size=size, policy=policy.to_dict(),
+                                            deadline_s=self.config.deadline_s, status="rejected",
+                                            reason=f"op_version: {why}")
+            raise IncompatibleRuntimeError(f"refusing to deploy: {why}")
+        record = self.registry.create_deployment(artifact, device_id, chunk_size=size, policy=policy.to_dict(),
+                                                 deadline_s=self.config.deadline_s, forced=force,
+                                                 reason="forced" if force and (why or device is None) else "")
+        _LOGGER.info("deployment %s created: %s -> %s", record.deployment_id, artifact.id, device_id)
+        return record
+
+    # ---- transfer --------------------------------------------------------------------------
+    def start(self, deployment_id: str) -> bool:
+        """Claim a pending deployment and send its signed manifest; False if another process claimed it."""
+        if self.registry.db.execute(
+                "UPDATE deployments SET status = 'transferring', updated = ? WHERE deployment_id = ?"
+                " AND status = 'pending'", (time.time(), deployment_id)) != 1:
+            return False
+        self.registry.log_event("status:transferring", deployment_id=deployment_id)
+        self._send_manifest(self.registry.deployment(deployment_id))
+        return True
+
+    def _blob(self, dep: DeploymentRecord) -> tuple[ArtifactRecord, bytes]:
+        artifact = self.registry.artifact_by_id(dep.artifact_id)
+        blob = self._blobs.get(artifact.id)
+        if blob is None:
+            blob = artifact.packed_path.read_bytes()
+            digest = hashlib.sha256(blob).hexdigest()
+            if digest != artifact.sha256:
+                raise DeployError(f"stored artifact {artifact.packed_path} has sha256 {digest}, registered "
+                                  f"{artifact.sha256}: the registry copy is corrupt; register it again")
+            self._blobs[artifact.id] = blob
+            while len(self._blobs) > 4:
+                self._blobs.popitem(last=False)
+        return artifact, blob
+
+    def manifest(self, dep: DeploymentRecord) -> Manifest:
+        """The signed manifest of a deployment: identical bytes every time, so a re-sent manifest
+        resumes the device's download instead of restarting it."""
+        artifact, blob = self._blob(dep)
+        metrics = artifact.metrics
+        requirements = {k: metrics[k] for k in ("ops", "runtimes", "window", "k", "num_items") if k in metrics}
+        return Manifest(deployment_id=dep.deployment_id, device_id=dep.device_id, model_id=artifact.model_id,
+                        version=artifact.version, total_size=len(blob), sha256=artifact.sha256,
+                        chunk_size=dep.chunk_size, chunk_sha256=chunking.digests(blob, dep.chunk_size),
+                        created=_iso(dep.created), requirements=requirements).signed(self.key)
+
+    def _send_manifest(self, dep: DeploymentRecord) -> None:
+        try:
+            manifest = self.manifest(dep)
+        except (DeployError, OSError) as exc:
+            self._finish(dep, "rejected", f"cannot send: {exc}")
+            return
+        self.publish(self.topics.down(dep.device_id, "manifest"), manifest.to_json())
+        _LOGGER.info("sent manifest of %s to %s (%d bytes in %d chunks)", dep.deployment_id, dep.device_id,
+                     manifest.total_size, manifest.chunk_count)
+
+    def send_chunks(self, dep: DeploymentRecord, indices: Iterable[int] | None) -> None:
+        """Publish the requested chunks (all when `indices` is None), counting re-sends."""
+        _artifact, blob = self._blob(dep)
+        pieces = chunking.split(blob, dep.chunk_size)
+        wanted = sorted(set(range(len(pieces)) if indices is None else indices))
+        bad = [i for i in wanted if not 0 <= i < len(pieces)]
+        if bad:
+            _LOGGER.warning("%s: device asked for chunks %s outside 0..%d; ignoring them", dep.deployment_id,
+                            bad[:10], len(pieces) - 1)
+            wanted = [i for i in wanted if 0 <= i < len(pieces)]
+        resends = dict(dep.resends)
+        for i in wanted:
+            count = resends.get(str(i), -1) + 1  # -1: never sent
+            if count > self.config.max_resends:
+                self._give_up(dep, f"chunk {i} was requested again after {self.config.max_resends} re-sends "
+                                   "(corrupted in transit every time?)")
+                return
+            resends[str(i)] = count
+        self.registry.update_deployment(dep.deployment_id, resends=resends)
+        topic = self.topics.down(dep.device_id, "chunk")
+        for i in wanted:
+            data = pieces[i]
+            if self.chunk_transform is not None:
+                data = self.chunk_transform(dep.deployment_id, i, data)
+            self.publish(topic, chunking.encode_chunk(dep.deployment_id, i, len(pieces), data))
+        _LOGGER.info("sent %d of %d chunks of %s to %s", len(wanted), len(pieces), dep.deployment_id, dep.device_id)
+
+    def _give_up(self, dep: DeploymentRecord, reason: str) -> None:
+        self._finish(dep, "rejected", reason)
+        self.send_command(dep.device_id, "cancel", dep.deployment_id)
+
+    def send_command(self, device_id: str, command: str, deployment_id: str | None = None) -> None:
+        """Publish a signed command (report_state, rollback, cancel) to one device."""
+        cmd = Command(device_id=device_id, command=command, deployment_id=deployment_id).signed(self.key)
+        self.publish(self.topics.down(device_id, "command"), cmd.to_json())
+
+    # ---- device messages -------------------------------------------------------------------
+    def _active(self, deployment_id: str | None, device_id: str, what: str) -> DeploymentRecord | None:
+        if deployment_id is None:
+            return None
+        try:
+            dep = self.registry.deployment(deployment_id)
+        except RegistryError:  # not ours (another server's database) or long gone
+            _LOGGER.warning("%s from %s names unknown deployment %s", what, device_id, deployment_id)
+            self.registry.log_event("unknown_deployment", device_id=device_id, deployment_id=None,
+                                    detail=f"{what} for {deployment_id}")
+            return None
+        if dep.device_id != device_id:
+            _LOGGER.warning("%s for %s came from %s, but it targets %s", what, deployment_id, device_id,
+                            dep.device_id)
+            self.registry.log_event("wrong_device", device_id=device_id, deployment_id=deployment_id, detail=what)
+            return None
+        return dep
+
+    def handle_event(self, event: Event) -> None:
+        """React to a device event about a deployment."""
+        detail = event.reason or (f"missing={event.missing[:20]}" if event.missing else "")
+        self.registry.log_event(f"device:{event.type}", device_id=event.device_id,
+                                deployment_id=event.deployment_id, detail=detail or "")
+        dep = self._active(event.deployment_id, event.device_id, f"event {event.type}")
+        if dep is None:
+            return
+        kind = event.type
+        if dep.terminal and kind not in {"promoted", "rolled_back"}:
+            _LOGGER.info("ignoring %s for %s: already %s", kind, dep.deployment_id, dep.status)
+            return
+        if kind == "manifest_accepted":
+            self.send_chunks(dep, event.missing)
+        elif kind in {"need_chunks", "chunk_rejected"}:
+            if event.missing is None:  # the agent follows up with need_chunks naming the index
+                _LOGGER.info("%s for %s: %s", kind, dep.deployment_id, event.reason)
+            elif dep.status in {"pending", "transferring"}:
+                self.send_chunks(dep, event.missing)
+        elif kind == "manifest_rejected":
+            self._finish(dep, "rejected", f"device rejected the manifest: {event.reason or 'no reason given'}")
+        elif kind in {"download_complete", "measuring"}:
+            self._transition(dep, "measuring", ("pending", "transferring"), event.reason or "")
+        elif kind == "verify_failed":
+            _LOGGER.warning("%s: device %s says the artifact failed verification: %s", dep.deployment_id,
+                            dep.device_id, event.reason)
+            self.registry.update_deployment(dep.deployment_id, reason=f"verify_failed: {event.reason or ''}")
+        elif kind == "promoted":
+            note = "" if dep.status == "passed" else f" (unexpected: status was {dep.status})"
+            self._finish(dep, "promoted", f"device promoted version {event.version or dep.version}{note}")
+        elif kind == "rolled_back":
+            self._finish(dep, "rolled_back", event.reason or f"device discarded version {dep.version}")
+        elif kind in {"verdict_rejected", "command_rejected", "load_failed", "error"}:
+            _LOGGER.warning("%s: device %s reports %s: %s", dep.deployment_id, dep.device_id, kind, event.reason)
+            self.registry.update_deployment(dep.deployment_id, reason=f"{kind}: {event.reason or ''}")
+
+    def handle_report(self, report: Report) -> None:
+        """Gate a device report, publish the signed verdict and write the report files."""
+        dep = self._active(report.deployment_id, report.device_id, "report")
+        if dep is None:
+            return
+        if report.version != dep.version or report.model_id != dep.model_id:
+            self.registry.log_event("report_mismatch", device_id=report.device_id, deployment_id=dep.deployment_id,
+                                    detail=f"report for {report.model_id}@{report.version}, expected "
+                                           f"{dep.model_id}@{dep.version}")
+            _LOGGER.warning("report for %s names %s@%s, deployment is %s@%s; ignored", dep.deployment_id,
+                            report.model_id, report.version, dep.model_id, dep.version)
+            return
+        if dep.verdict is not None:  # duplicate delivery: the device may have missed our verdict
+            _LOGGER.info("report for %s already gated (%s); re-sending the verdict", dep.deployment_id, dep.status)
+            self._publish_verdict(dep, Verdict.from_dict(dep.verdict))
+            return
+        policy = Policy.from_dict(dep.policy) if dep.policy else self.policy
+        result = gate.evaluate(report, policy)
+        verdict = Verdict(deployment_id=dep.deployment_id, device_id=dep.device_id, model_id=dep.model_id,
+                          version=dep.version, verdict=result.verdict, checks=result.checks,
+                          reason=result.reason, created=_iso(dep.created)).signed(self.key)
+        if dep.terminal:
+            # e.g. the device discarded a model that failed to load and said so before its report
+            # arrived: keep the status, but record what the gate makes of the report.
+            self.registry.update_deployment(dep.deployment_id, report=report.to_dict(), verdict=verdict.to_dict())
+            _LOGGER.info("report for %s (already %s) gated %s: %s", dep.deployment_id, dep.status, result.verdict,
+                         result.reason)
+        else:
+            status = "passed" if result.passed else "failed"
+            if not self._transition(dep, status, ("pending", "transferring", "measuring"), result.reason,
+                                    report=report.to_dict(), verdict=verdict.to_dict()):
+                return
+            self._publish_verdict(dep, verdict)
+        self._write_report(dep.deployment_id)
+
+    def _write_report(self, deployment_id: str) -> None:
+        dep = self.registry.deployment(deployment_id)
+        if dep.report is None:
+            return
+        try:
+            reports.write_report(self.registry.reports_dir, _summary(dep), dep.report, dep.verdict)
+        except OSError as exc:  # the verdict stands even if the disk is full
+            _LOGGER.error("could not write the report files of %s: %s", dep.deployment_id, exc)
+
+    def _publish_verdict(self, dep: DeploymentRecord, verdict: Verdict) -> None:
+        self.publish(self.topics.down(dep.device_id, "verdict"), verdict.to_json())
+        _LOGGER.info("verdict %s for %s sent to %s: %s", verdict.verdict, dep.deployment_id, dep.device_id,
+                     verdict.reason)
+
+    # ---- status helpers ----------------------------------------------------------------------
+    def _transition(self, dep: DeploymentRecord, status: str, from_statuses: Iterable[str], reason: str, *,
+                    report: dict | None = None, verdict: dict | None = None) -> bool:
+        """Move to `status` only from one of `from_statuses` (atomic; a racing process loses)."""
+        olds = tuple(from_statuses)
+        sets = ["status = ?", "reason = ?", "updated = ?"]
+        params: list[Any] = [status, reason, time.time()]
+        if report is not None:
+            sets.append("report = ?")
+            params.append(_json_text(report))
+        if verdict is not None:
+            sets.append("verdict = ?")
+            params.append(_json_text(verdict))
+        sql = (f"UPDATE deployments SET {', '.join(sets)} WHERE deployment_id = ? AND status IN "
+               f"({', '.join('?' for _ in olds)})")
+        changed = self.registry.db.execute(sql, [*params, dep.deployment_id, *olds]) == 1
+        if changed:
+            self.registry.log_event(f"status:{status}", device_id=dep.device_id, deployment_id=dep.deployment_id,
+                                    detail=reason)
+            _LOGGER.info("deployment %s: %s -> %s %s", dep.deployment_id, dep.status, status, reason)
+        return changed
+
+    def _finish(self, dep: DeploymentRecord, status: str, reason: str) -> bool:
+        allowed = ACTIVE if status not in {"promoted", "rolled_back"} else ACTIVE | {"timeout"}
+        changed = self._transition(dep, status, sorted(allowed), reason)
+        if changed and dep.report is not None:
+            self._write_report(dep.deployment_id)  # the files show the final status
+        return changed
+
+    # ---- periodic work ---------------------------------------------------------------------
+    def tick(self, now: float | None = None) -> None:
+        """Start pending deployments (also those created by the CLI) and time out overdue ones."""
+        now = time.time() if now is None else now
+        for dep in self.registry.deployments(active_only=True):
+            if dep.deadline < now:
+                if self._finish(dep, "timeout", f"no outcome within the deadline (last status {dep.status})"):
+                    self.send_command(dep.device_id, "cancel", dep.deployment_id)
+            elif dep.status == "pending":
+                self.start(dep.deployment_id)
+
+    def resume(self) -> None:
+        """After a (re)start: re-send what a device may be waiting for, per recorded status."""
+        for dep in self.registry.deployments(active_only=True):
+            if dep.status == "transferring":
+                # The agent answers a manifest it already has with its missing chunks.
+                self._send_manifest(dep)
+            elif dep.status in {"passed", "failed"} and dep.verdict is not None:
+                self._publish_verdict(dep, Verdict.from_dict(dep.verdict))
+
+
+def _json_text(obj: dict) -> str:
+    return json.dumps(obj, sort_keys=True, allow_nan=False)
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
+
+
+def _summary(dep: DeploymentRecord) -> dict[str, Any]:
+    return {"deployment_id": dep.deployment_id, "device_id": dep.device_id, "model_id": dep.model_id,
+            "version": dep.version, "status": dep.status, "reason": dep.reason, "created": dep.created}

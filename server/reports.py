@@ -1,0 +1,138 @@
+"""Per-deployment report files: the raw JSON, a Markdown summary and a latency plot.
+
+Written under `<data_dir>/reports/<deployment_id>/` so an operator can see why a model was
+promoted or rolled back without querying the database. The plot is a histogram when the device
+sent one (`latency_ms.histogram`), else a bar chart of the percentiles.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from server.gate import format_figure
+
+_LOGGER = logging.getLogger(__name__)
+
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+LATENCY_PNG = "latency.png"
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def plot_latency(latency: dict[str, Any], out: Path, title: str) -> Path | None:
+    """Save a latency histogram (or percentile bars) as PNG; None if there is nothing to plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hist = latency.get("histogram") if isinstance(latency.get("histogram"), dict) else None
+    edges = (hist or {}).get("edges_ms", (hist or {}).get("edges"))
+    counts = (hist or {}).get("counts")
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    try:
+        if isinstance(edges, list) and isinstance(counts, list) and len(edges) == len(counts) + 1 and counts:
+            widths = [b - a for a, b in zip(edges[:-1], edges[1:], strict=True)]
+            ax.bar(edges[:-1], counts, width=widths, align="edge", color="#4477aa", edgecolor="white")
+            for key, style in (("p50", "--"), ("p90", "-"), ("p99", ":")):
+                if isinstance(latency.get(key), int | float):
+                    ax.axvline(latency[key], color="#cc3311", linestyle=style, label=f"{key} {latency[key]:.3g} ms")
+            ax.set_xlabel("latency (ms)")
+            ax.set_ylabel("inferences")
+            overflow = hist.get("overflow") if hist else None
+            if overflow:
+                ax.set_title(f"{title} ({overflow} above p99 not shown)", fontsize=9)
+            else:
+                ax.set_title(title, fontsize=9)
+            ax.legend(fontsize=8)
+        else:
+            keys = [k for k in ("min", "p50", "p90", "p99", "max") if isinstance(latency.get(k), int | float)]
+            if not keys:
+                return None
+            ax.bar(keys, [latency[k] for k in keys], color="#4477aa")
+            ax.set_ylabel("latency (ms)")
+            ax.set_title(title, fontsize=9)
+        fig.tight_layout()
+        fig.savefig(out, dpi=100)
+    finally:
+        plt.close(fig)
+    return out
+
+
+def _markdown(deployment: dict[str, Any], report: dict[str, Any] | None, verdict: dict[str, Any] | None,
+              plot: Path | None) -> str:
+    lines = [f"# Deployment {deployment['deployment_id']}", "",
+             f"- device: `{deployment['device_id']}`",
+             f"- model: `{deployment['model_id']}` version {deployment['version']}",
+             f"- status: **{deployment['status']}** {deployment.get('reason') or ''}".rstrip(), ""]
+    if verdict:
+        lines += [f"## Verdict: {verdict.get('verdict')}", "", verdict.get("reason", ""), "",
+                  "| check | figure | limit | outcome |", "| --- | --- | --- | --- |"]
+        for c in verdict.get("checks", []):
+            unit = c.get("unit") or ""
+            outcome = c.get("outcome", "")
+            if c.get("note"):
+                outcome += f" ({c['note']})"
+            lines.append(f"| {c.get('name')} | {format_figure(c.get('figure'), unit)} | {c.get('op', '')} "
+                         f"{format_figure(c.get('limit'), unit)} | {outcome} |")
+        lines.append("")
+    if report:
+        lat = report.get("latency_ms") or {}
+        mem = report.get("memory") or {}
+        energy = report.get("energy") or {}
+        quality = report.get("quality") or {}
+        ctx = report.get("context") or {}
+        runtime = report.get("runtime") or {}
+        lines += ["## Device measurements", "",
+                  f"- mode: {_fmt(report.get('mode'))}, runtime: {_fmt(runtime.get('name'))} "
+                  f"{_fmt(runtime.get('version'))}, load ok: {_fmt(report.get('load_ok'))}",
+                  f"- latency ms: p50 {_fmt(lat.get('p50'))}, p90 {_fmt(lat.get('p90'))}, p99 {_fmt(lat.get('p99'))}, "
+                  f"mean {_fmt(lat.get('mean'))} (n={_fmt(lat.get('n'))}), cold start {_fmt(lat.get('cold_start_ms'))}",
+                  f"- memory MiB: peak RSS {_fmt(mem.get('peak_rss_mib'))}, "
+                  f"load delta {_fmt(mem.get('load_delta_mib'))}",
+                  f"- energy: source {_fmt(energy.get('source'))}, available {_fmt(energy.get('available'))}, "
+                  f"net mJ/inference {_fmt(energy.get('net_mj_per_inference'))}",
+                  f"- quality: agreement@k {_fmt(quality.get('agreement_at_k'))}, "
+                  f"NDCG vs reference {_fmt(quality.get('ndcg_vs_reference'))} "
+                  f"(golden n={_fmt(quality.get('golden_n'))})",
+                  "- context: " + (", ".join(f"{k}={_fmt(v)}" for k, v in sorted(ctx.items())
+                                             if not isinstance(v, dict | list)) or "n/a")]
+        if report.get("error"):
+            lines.append(f"- error ({_fmt(report.get('error_kind'))}): {report['error']}")
+        if plot is not None:
+            lines += ["", f"![latency]({plot.name})"]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_report(reports_dir: Path, deployment: dict[str, Any], report: dict[str, Any] | None,
+                 verdict: dict[str, Any] | None) -> Path:
+    """Write report.json, report.md and (if latency was measured) latency.png; returns the folder."""
+    folder = Path(reports_dir) / deployment["deployment_id"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / REPORT_JSON).write_text(
+        json.dumps({"deployment": deployment, "report": report, "verdict": verdict}, indent=2, sort_keys=True),
+        encoding="utf-8")
+    plot = None
+    latency = (report or {}).get("latency_ms")
+    if isinstance(latency, dict):
+        title = f"{deployment['model_id']} v{deployment['version']} on {deployment['device_id']}"
+        try:
+            plot = plot_latency(latency, folder / LATENCY_PNG, title)
+        except (ValueError, TypeError) as exc:  # a malformed histogram must not lose the rest of the report
+            _LOGGER.warning("latency plot for %s failed: %s", deployment["deployment_id"], exc)
+    (folder / REPORT_MD).write_text(_markdown(deployment, report, verdict, plot), encoding="utf-8")
+    _LOGGER.info("wrote report for %s in %s", deployment["deployment_id"], folder)
+    return folder

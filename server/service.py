@@ -1,0 +1,218 @@
+"""The running server: one MQTT link, one worker thread, the registry and the deployer.
+
+MQTT callbacks only enqueue; a single worker thread decodes, records and acts, so gating,
+packing and report plotting never stall paho's network loop and the registry sees one writer
+per process. Anything malformed is logged with its topic and a payload preview, recorded in the
+event log, and dropped: a device can never crash the server.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from protocol.errors import ProtocolError
+from protocol.messages import DeviceState, Event, Heartbeat, Report
+from protocol.mqtt import MqttLink
+from protocol.topics import Topics
+from server import keys
+from server.deployer import ChunkTransform, Deployer, DeployerConfig
+from server.policy import Policy, load_policy
+from server.registry import DeploymentRecord, Registry
+
+_LOGGER = logging.getLogger(__name__)
+
+_DECODERS = {"state": DeviceState, "heartbeat": Heartbeat, "event": Event, "report": Report}
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """How the server reaches its broker and paces its periodic work."""
+
+    broker_url: str = "mqtt://127.0.0.1:1883"
+    client_id: str = "edgeguide-server"
+    clean_start: bool = False  # True only for one-off processes: a persistent session would queue for nobody
+    topic_prefix: str = "edgeguide"
+    protocol: str = "auto"
+    username: str | None = None
+    password: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    shared_subscription: bool = True  # used only on MQTT 5 brokers
+    tick_s: float = 1.0
+
+
+class EdgeGuideServer:
+    """Registry + deployer + MQTT ingestion; `start()`, `deploy()`, `wait()`, `stop()`."""
+
+    def __init__(self, registry: Registry, config: ServerConfig | None = None, *, policy: Policy | None = None,
+                 deployer_config: DeployerConfig | None = None, chunk_transform: ChunkTransform | None = None) -> None:
+        self.registry = registry
+        self.config = config or ServerConfig()
+        self.topics = Topics(prefix=self.config.topic_prefix)
+        self.key = keys.server_key(registry.data_dir)
+        self.link = MqttLink(self.config.broker_url, self.config.client_id, username=self.config.username,
+                             password=self.config.password, tls_ca=self.config.tls_ca, tls_cert=self.config.tls_cert,
+                             tls_key=self.config.tls_key, protocol=self.config.protocol,
+                             clean_start=self.config.clean_start)
+        self.deployer = Deployer(registry, self.key, self._publish, topics=self.topics,
+                                 policy=policy or load_policy(), config=deployer_config,
+                                 chunk_transform=chunk_transform)
+        # Work for the single worker thread: a received message, a callable, or None to stop.
+        self._inbox: queue.Queue[tuple[str, bytes] | Callable[[], object] | None] = queue.Queue()
+        self._worker: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._subscribed = False
+        self.malformed = 0
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    def start(self, timeout: float = 10.0) -> EdgeGuideServer:
+        """Connect, subscribe to every device's up topics, resume recorded deployments."""
+        # Subscribing from the connect listener runs before paho dispatches any message queued in our
+        # persistent session, so nothing that arrived while we were down is dropped unrouted.
+        self.link.add_connect_listener(self._ensure_subscribed)
+        self.link.start(timeout=timeout)
+        self._stopping.clear()
+        self._worker = threading.Thread(target=self._run, name="edgeguide-server-worker", daemon=True)
+        self._worker.start()
+        self._call(self.deployer.resume)
+        _LOGGER.info("server up: broker %s, prefix %r, data dir %s", self.config.broker_url, self.topics.prefix,
+                     self.registry.data_dir)
+        return self
+
+    def stop(self) -> None:
+        """Stop the worker (after it finishes the current message) and disconnect."""
+        self._stopping.set()
+        self._inbox.put(None)
+        if self._worker is not None:
+            self._worker.join(timeout=30)
+            self._worker = None
+        self.link.stop()
+
+    def __enter__(self) -> EdgeGuideServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _ensure_subscribed(self) -> None:
+        if self._subscribed:
+            return
+        self._subscribed = True
+        if self.link.is_v5 and self.config.shared_subscription:
+            topic_filter = self.topics.shared_up_filter()
+        else:
+            topic_filter = self.topics.all_up_filter()
+        self.link.subscribe(topic_filter, self._enqueue, qos=1)
+        _LOGGER.info("subscribed to %s", topic_filter)
+
+    def _publish(self, topic: str, payload: bytes) -> None:
+        self.link.publish(topic, payload, qos=1)
+
+    def _enqueue(self, topic: str, payload: bytes) -> None:
+        self._inbox.put((topic, payload))
+
+    # ---- worker ------------------------------------------------------------------------------
+    def _call(self, fn: Callable[[], object]) -> None:
+        """Run `fn` on the worker thread, in order with the messages (one writer, no races)."""
+        self._inbox.put(fn)
+
+    def _run(self) -> None:
+        next_tick = time.monotonic()
+        while not self._stopping.is_set():
+            try:
+                item = self._inbox.get(timeout=max(0.0, next_tick - time.monotonic()))
+            except queue.Empty:
+                item = ()
+            if item is None:
+                break
+            if callable(item):
+                self._guarded(getattr(item, "__name__", "call"), b"", item)
+            elif item:
+                topic, payload = item
+                self._guarded(topic, payload, lambda t=topic, p=payload: self.handle(t, p))
+            if time.monotonic() >= next_tick:
+                self._guarded("tick", b"", self.deployer.tick)
+                next_tick = time.monotonic() + self.config.tick_s
+
+    def _guarded(self, topic: str, payload: bytes, fn: Callable[[], object]) -> None:
+        try:
+            fn()
+        except Exception as exc:  # a bug or a bad message must not stop the worker
+            _LOGGER.exception("error handling %r (payload %r)", topic, payload[:200])
+            try:
+                self.registry.log_event("handler_error", detail=f"{topic}: {type(exc).__name__}: {exc}")
+            except Exception:
+                _LOGGER.exception("could not record the handler error")
+
+    def handle(self, topic: str, payload: bytes) -> None:
+        """Decode and dispatch one up message (also callable directly, e.g. from tests)."""
+        try:
+            ref = self.topics.parse(topic)
+            if ref.direction != "up":
+                raise ProtocolError(f"topic {topic!r} is not an up topic")
+            message = _DECODERS[ref.kind].from_json(payload)
+            if message.device_id != ref.device_id:
+                raise ProtocolError(f"{ref.kind} on {topic!r} claims device_id {message.device_id!r}")
+        except ProtocolError as exc:
+            self.malformed += 1
+            _LOGGER.warning("malformed message on %r (%s); payload %r", topic, exc, payload[:200])
+            device = topic.split("/")[-3] if topic.count("/") >= 3 else None
+            self.registry.log_event("malformed", device_id=device if device and len(device) <= 64 else None,
+                                    detail=f"{topic[:200]}: {exc}")
+            return
+        if isinstance(message, DeviceState):
+            self.registry.upsert_device(message.device_id, status=message.status,
+                                        active_model_id=message.active_model_id,
+                                        active_version=message.active_version, runtime=message.runtime,
+                                        agent_version=message.agent_version, from_state=True)
+            active = f"{message.active_model_id}@{message.active_version}"
+            self.registry.log_event("device:state", device_id=message.device_id,
+                                    detail=f"{message.status} active={active}")
+        elif isinstance(message, Heartbeat):
+            self.registry.upsert_device(message.device_id, uptime_s=message.uptime_s,
+                                        active_version=message.active_version, last_error=message.last_error)
+        elif isinstance(message, Event):
+            self.deployer.handle_event(message)
+        else:
+            self.deployer.handle_report(message)
+
+    # ---- API -----------------------------------------------------------------------------------
+    def deploy(self, model_id: str, device_id: str, *, version: int | None = None, policy: Policy | None = None,
+               force: bool = False, chunk_size: int | None = None, wait_seen_s: float = 0.0) -> DeploymentRecord:
+        """Create a deployment and start it now; waits up to `wait_seen_s` for an unseen device to appear."""
+        deadline = time.monotonic() + wait_seen_s
+        while self.registry.find_device(device_id) is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        record = self.deployer.create(model_id, device_id, version=version, policy=policy, force=force,
+                                      chunk_size=chunk_size)
+        self._call(lambda: self.deployer.start(record.deployment_id))
+        return record
+
+    def wait(self, deployment_id: str, timeout: float = 600.0, poll_s: float = 0.1) -> DeploymentRecord:
+        """Block until the deployment reaches a terminal status; TimeoutError names its last status."""
+        return wait_for_deployment(self.registry, deployment_id, timeout, poll_s)
+
+
+def wait_for_deployment(registry: Registry, deployment_id: str, timeout: float, poll_s: float = 0.2,
+                        on_change: Callable[[DeploymentRecord], object] | None = None) -> DeploymentRecord:
+    """Poll the registry (works across processes) until `deployment_id` is promoted/rolled back/rejected/timed out."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while True:
+        dep = registry.deployment(deployment_id)
+        if dep.status != last:
+            last = dep.status
+            if on_change is not None:
+                on_change(dep)
+        if dep.terminal:
+            return dep
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"deployment {deployment_id} still {dep.status!r} after {timeout:.0f} s "
+                               f"({dep.reason or 'no reason recorded'})")
+        time.sleep(poll_s)

@@ -1,0 +1,102 @@
+"""Agent configuration (file < env < options), validation messages, and the CLI in a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_agent_support import new_keypair
+
+from agent.config import AgentConfig, ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_file_env_and_overrides_layer_in_that_order(tmp_path: Path) -> None:
+    _, pub = new_keypair(tmp_path)
+    conf = tmp_path / "agent.toml"
+    conf.write_text(f'[agent]\ndevice_id = "pi-1"\nbroker_url = "mqtt://10.0.0.2:1883"\nserver_key = "{pub}"\n'
+                    f'state_dir = "{tmp_path / "s"}"\nthreads = 2\nmeasure_mode = "full"\nhttp_port = 9000\n')
+    env = {"EDGEGUIDE_THREADS": "3", "EDGEGUIDE_PASSWORD": "pw", "EDGEGUIDE_USERNAME": "pi-1",
+           "EDGEGUIDE_HTTP_PORT": "none"}
+    config = load_config(conf, {"threads": 4, "device_id": None}, env=env)
+    assert config.device_id == "pi-1" and config.broker_url == "mqtt://10.0.0.2:1883"
+    assert config.threads == 4  # option beats env beats file
+    assert config.measure_mode == "full" and config.http_port is None and config.server_key == pub
+    assert config.to_dict()["password"] == "***" and config.to_dict(mask_secrets=False)["password"] == "pw"
+    assert load_config(conf, env={}).threads == 2 and load_config(conf, env={}).http_port == 9000
+
+
+def test_every_problem_is_listed_with_its_value(tmp_path: Path) -> None:
+    conf = tmp_path / "agent.toml"
+    conf.write_text('device_id = "has space"\nbroker_url = "http://x"\nthreads = 0\nmeasure_mode = "slow"\n'
+                    'quota_bytes = 999999999999\nverdict_timeout_s = -1\ncolour = "blue"\n'
+                    f'server_key = "{tmp_path / "missing.pem"}"\ntls_cert = "{conf}"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(conf, env={})
+    text = str(info.value)
+    for fragment in ("invalid device id 'has space'", "'http://x' must look like mqtt://", "threads: must be in "
+                     "1..64, got 0", "measure_mode: must be one of ('quick', 'full'), got 'slow'",
+                     "quota_bytes: must be in 1..67108864, got 999999999999", "verdict_timeout_s: must be > 0",
+                     "unknown keys ['colour']", "missing.pem does not exist", "tls_cert and tls_key go together"):
+        assert fragment in text
+    assert len(info.value.problems) == 9
+
+
+def test_bad_toml_and_bad_types_name_the_culprit(tmp_path: Path) -> None:
+    conf = tmp_path / "agent.toml"
+    conf.write_text("device_id = \n")
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_config(conf, env={})
+    with pytest.raises(ConfigError, match="threads: cannot use 'two'"):
+        load_config(None, {"threads": "two"}, env={})
+
+
+def test_defaults_are_the_documented_ones() -> None:
+    c = AgentConfig()
+    assert (c.http_host, c.http_port, c.threads, c.quota_bytes, c.measure_mode) == \
+        ("127.0.0.1", 8700, 1, 64 * 1024 * 1024, "quick")
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True, text=True, timeout=60,
+                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
+
+
+def test_check_config_prints_masked_config_and_loads_no_tensorflow(tmp_path: Path) -> None:
+    _, pub = new_keypair(tmp_path)
+    done = _cli("--check-config", "--device-id", "pi-9", "--broker", "mqtt://127.0.0.1:1", "--state-dir",
+                str(tmp_path / "s"), "--server-key", str(pub), "--username", "pi-9", "--http-port", "0",
+                env={"EDGEGUIDE_PASSWORD": "hunter2"})
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["config"]["password"] == "***" and "hunter2" not in done.stdout
+    assert out["config"]["device_id"] == "pi-9" and out["config"]["http_port"] == 0
+    assert out["runtime"] == {"name": "ai-edge-litert", "version": "2.3.0"}
+    assert out["heavy_modules"] == []  # agent.daemon, measure and serving imported, TensorFlow not
+
+
+def test_check_config_exits_2_with_the_reasons(tmp_path: Path) -> None:
+    done = _cli("--check-config", "--device-id", "../etc", "--state-dir", str(tmp_path))
+    assert done.returncode == 2
+    assert "invalid device id '../etc'" in done.stderr and "server_key: required" in done.stderr
+
+
+def test_help_explains_every_option() -> None:
+    done = _cli("--help")
+    assert done.returncode == 0
+    for option in ("--device-id", "--broker", "--state-dir", "--server-key", "--config", "--http-port", "--threads",
+                   "--username", "--password", "--tls-ca", "--tls-cert", "--tls-key", "--measure-mode",
+                   "--check-config", "--once-ready-file", "--quota-bytes", "--runtime"):
+        assert option in done.stdout
+
+
+def test_a_server_key_that_is_not_an_ed25519_pem_is_refused(tmp_path: Path) -> None:
+    not_a_key = tmp_path / "key.pem"
+    not_a_key.write_text("-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n")
+    with pytest.raises(ConfigError, match="is not an Ed25519 public key PEM"):
+        load_config(None, {"device_id": "d1", "server_key": str(not_a_key), "state_dir": str(tmp_path)}, env={})

@@ -1,0 +1,140 @@
+"""The accuracy-aware search: Pareto logic, best pick, resumable state, reports, CLI wiring."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+from ai_edge_litert.interpreter import Interpreter
+
+from compression.data import load_dataset
+from compression.model import build_reference
+from compression.report import dominates, pareto_front
+from compression.search import (
+    LatencyConfig,
+    SearchError,
+    SearchRun,
+    Variant,
+    default_variants,
+    register_search_subcommand,
+    run_search,
+    select_best,
+    select_variants,
+)
+from compression.techniques import TECHNIQUE_NAMES, MagnitudePruning, PostTrainingQuantization
+from compression.techniques.common import fine_tune
+
+FAST_LATENCY = LatencyConfig(warmup_runs=2, warmup_seconds=0.0, min_runs=20, min_seconds=0.0)
+
+
+def _row(name, size, ndcg, hr=0.2, ms=1.0):
+    return {"name": name, "tflite_bytes": size, "ndcg10": ndcg, "hr10": hr, "host_p50_ms": ms}
+
+
+def test_pareto_front_keeps_only_non_dominated_rows():
+    rows = [_row("big-good", 1000, 0.20), _row("small-bad", 100, 0.10), _row("dominated", 1200, 0.19),
+            _row("mid", 500, 0.15), _row("mid-slower", 500, 0.15, ms=2.0), _row("broken", None, 0.3)]
+    assert dominates(rows[0], rows[2])
+    assert not dominates(rows[0], rows[1]) and not dominates(rows[1], rows[0])
+    assert pareto_front(rows) == ["big-good", "small-bad", "mid"]
+
+
+def test_select_best_is_smallest_meeting_the_floor():
+    reference = _row("reference", 4000, 0.20)
+    rows = [_row("a", 300, 0.199), _row("b", 200, 0.197), _row("c", 100, 0.15), {"name": "d", "error": "x"}]
+    assert select_best(rows, reference, 0.99)["name"] == "a"
+    assert select_best(rows, reference, 0.98)["name"] == "b"
+    assert select_best(rows, reference, 0.999) is None
+
+
+def test_default_variants_cover_every_technique_with_unique_names():
+    variants = default_variants("quick")
+    names = [v.name for v in variants]
+    assert len(names) == len(set(names))
+    used = {step.name for v in variants for step in v.steps}
+    assert used == set(TECHNIQUE_NAMES)
+    alone = {v.steps[0].name for v in variants if len(v.steps) == 1}
+    assert alone == set(TECHNIQUE_NAMES), "every technique must also appear alone"
+    with pytest.raises(SearchError, match="nope"):
+        select_variants(variants, "ptq-int8,nope")
+
+
+def test_cli_subcommand_parses():
+    parser = argparse.ArgumentParser(prog="edgeguide-compress")
+    register_search_subcommand(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["search", "--floor", "0.98", "--out", "x", "--profile", "quick", "--no-compat"])
+    assert args.floor == 0.98 and args.profile == "quick" and args.no_compat and callable(args.func)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    dataset = load_dataset(max_customers=150)
+    model = build_reference(dataset.num_items, window=20, dim=16, hidden=32)
+    fine_tune(model, dataset, epochs=1.0)
+    return model, dataset
+
+
+def test_search_writes_reports_picks_best_and_resumes(tiny, tmp_path):
+    model, dataset = tiny
+    run = SearchRun(out_dir=tmp_path / "run", floor=0.9, check_compat=False, latency=FAST_LATENCY,
+                    progress=False)
+    first = [Variant("ptq-dynamic", (PostTrainingQuantization("dynamic"),))]
+    seen = []
+    result = run_search(model, dataset, first, run, on_variant=seen.append)
+    assert [r["name"] for r in seen] == ["ptq-dynamic"]
+    ref = result["reference"]
+    row = result["variants"][0]
+    assert row["tflite_bytes"] < ref["tflite_bytes"] / 2
+    assert row["host_p50_ms"] > 0 and row["latency"]["n"] >= 20
+    assert set(result["baselines"]) == {"popularity", "itemknn"}
+
+    # Resume: the finished variant is not run again, the new one is.
+    more = first + [Variant("prune-oneshot", (MagnitudePruning(target=0.5, method="oneshot"),)),
+                    Variant("over-pruned", (MagnitudePruning(target=0.99, method="oneshot"),))]
+    seen.clear()
+    result = run_search(model, dataset, more, run, on_variant=seen.append)
+    assert [r["name"] for r in seen] == ["prune-oneshot", "over-pruned"]
+    assert [r["name"] for r in result["variants"]] == ["ptq-dynamic", "prune-oneshot", "over-pruned"]
+    pruned = result["variants"][1]
+    assert "sparsity 0.50" in pruned["size_note"]
+    assert pruned["gzip_bytes"] < ref["gzip_bytes"]
+
+    best = result["best"]
+    floor_ndcg = 0.9 * ref["ndcg10"]
+    qualifying = [r for r in result["variants"] if r["ndcg10"] >= floor_ndcg]
+    if qualifying:
+        assert best["tflite_bytes"] == min(r["tflite_bytes"] for r in qualifying) and best["met_floor"]
+    else:
+        assert best["name"] == "reference" and not best["met_floor"]
+    assert result["variants"][2]["ndcg10"] < floor_ndcg, "99% sparsity must fall below the floor"
+
+    out = tmp_path / "run"
+    saved = json.loads((out / "search.json").read_text())
+    assert saved["best"]["artifact"] == best["artifact"]
+    assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    report = (out / "report.md").read_text()
+    assert "| ptq-dynamic |" in report and "**Best**" in report
+    state = json.loads((out / "state.json").read_text())
+    assert set(state["variants"]) == {"ptq-dynamic", "prune-oneshot", "over-pruned"}
+
+    # The best artifact is a complete, deployable folder whose model returns K item ids.
+    best_dir = out / "best"
+    files = {p.name for p in best_dir.iterdir()}
+    assert files >= {"model.tflite", "items.json", "metrics.json", "golden.json"}
+    runner = Interpreter(model_path=str(best_dir / "model.tflite")).get_signature_runner("recommend")
+    history = dataset.eval_histories("test")[0][0]
+    ids = runner(history=history[None, :].astype(np.int32))["item_ids"][0]
+    assert ids.shape == (20,) and ids.min() >= 1 and ids.max() <= dataset.num_items
+
+
+def test_search_refuses_state_of_other_data(tiny, tmp_path):
+    model, dataset = tiny
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "state.json").write_text(json.dumps({"format": 1, "data": {"customers": 1}, "reference": None,
+                                                "variants": {}}))
+    run = SearchRun(out_dir=out, check_compat=False, latency=FAST_LATENCY, progress=False)
+    with pytest.raises(SearchError, match="customers"):
+        run_search(model, dataset, [Variant("ptq-int8", (PostTrainingQuantization("int8"),))], run)

@@ -1,0 +1,84 @@
+"""Distillation: the KD loss equals a hand computation; students train and are smaller."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from compression.data import load_dataset
+from compression.model import build_reference
+from compression.techniques import FeatureDistillation, SoftDistillation, StudentShape, TechniqueError
+from compression.techniques.common import fine_tune
+from compression.techniques.distill_feature import feature_loss
+from compression.techniques.distillation import kd_loss
+
+
+def _softmax(z):
+    e = [math.exp(v - max(z)) for v in z]
+    return [v / sum(e) for v in e]
+
+
+def test_kd_loss_equals_hand_computation():
+    labels = [2, 0]
+    student = [[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]]
+    teacher = [[0.5, 1.0, 2.0], [2.0, 0.0, 1.0]]
+    alpha, t = 0.3, 2.5
+    hand = 0.0
+    for y, s, te in zip(labels, student, teacher, strict=True):
+        ce = -math.log(_softmax(s)[y])
+        p = _softmax([v / t for v in te])
+        q = _softmax([v / t for v in s])
+        kl = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q, strict=True))
+        hand += alpha * ce + (1 - alpha) * t * t * kl
+    hand /= len(labels)
+    got = kd_loss(tf.constant(labels), tf.constant(student), tf.constant(teacher), alpha, t)
+    assert float(got) == pytest.approx(hand, rel=1e-5)
+
+
+def test_kd_loss_soft_term_vanishes_when_student_equals_teacher():
+    z = tf.constant([[0.1, 2.0, -1.0]])
+    assert float(kd_loss(tf.constant([1]), z, z, 0.0, 3.0)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_feature_loss_is_mse_through_projection():
+    import tf_keras as keras
+
+    projection = keras.layers.Dense(2, use_bias=False)
+    projection.build((None, 3))
+    projection.set_weights([np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=np.float32)])
+    s = tf.constant([[1.0, 2.0, 3.0]])
+    t = tf.constant([[4.0, 4.0]])
+    # projection(s) = [4, 5] -> squared errors [0, 1] -> mean 0.5
+    assert float(feature_loss(s, t, projection)) == pytest.approx(0.5)
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    dataset = load_dataset(max_customers=150)
+    model = build_reference(dataset.num_items, window=20, dim=16, hidden=32)
+    fine_tune(model, dataset, epochs=2.0, learning_rate=3e-3)
+    return model, dataset
+
+
+@pytest.mark.parametrize("technique", [SoftDistillation(student=StudentShape(8, 16), epochs=2.0),
+                                       FeatureDistillation(student=StudentShape(8, 16), epochs=2.0)],
+                         ids=["soft", "feature"])
+def test_distilled_student_is_smaller_and_learns(teacher, technique):
+    model, dataset = teacher
+    result = technique.apply(model, dataset)
+    student = result.model
+    assert student.get_layer("item_embedding").output_dim == 8
+    assert student.count_params() < model.count_params() / 1.5
+    curve = result.notes["loss_curve"]
+    assert curve[-1] < curve[0], f"distillation loss did not fall: {curve}"
+    histories, _ = dataset.eval_histories("test")
+    assert student(histories[:3]).shape == (3, dataset.num_items + 1)
+
+
+def test_distillation_rejects_bad_alpha(teacher):
+    model, dataset = teacher
+    with pytest.raises(TechniqueError, match="1.2"):
+        SoftDistillation(alpha=1.2).apply(model, dataset)
