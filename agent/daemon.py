@@ -47,6 +47,11 @@ _LOGGER = logging.getLogger(__name__)
 
 _AUTH_FAILURES = {"Not authorized", "Bad user name or password", "Banned"}
 _STOP = object()
+# While awaiting a verdict the report is published again this often (and on every reconnect):
+# mosquitto 2.0 does not restore `$share` subscriptions after a restart, so a report sent before
+# the server re-subscribed is dropped by the broker even though it acknowledged it. The server
+# de-duplicates by deployment id and answers a repeat with the verdict it already gave.
+REPORT_RESEND_S = 30.0
 
 
 @dataclass
@@ -60,11 +65,16 @@ class Agent:
 
     `measure`, `paired`, `measure_config` and `power_source` default to agent.measure's real
     implementations; tests pass a shorter MeasureConfig, never a fake measurement.
+    `report_resend_s` is how often an unanswered report is published again.
     """
 
     def __init__(self, config: AgentConfig, *, measure: MeasureFn | None = None, paired: PairedFn | None = None,
-                 measure_config: Any = None, power_source: Any = "detect", service: Any = None) -> None:
+                 measure_config: Any = None, power_source: Any = "detect", service: Any = None,
+                 report_resend_s: float = REPORT_RESEND_S) -> None:
+        if not report_resend_s > 0:
+            raise ValueError(f"report_resend_s must be > 0, got {report_resend_s}")
         self.config = config
+        self.report_resend_s = report_resend_s
         self.topics = config.topics
         self.device_id = config.device_id
         self.server_key = signing.load_public_key(config.server_key)
@@ -141,6 +151,11 @@ class Agent:
         for thread in self._threads:
             thread.join(timeout)
         self.flusher.stop()
+        if self.deployment is not None and self.deployment.phase == DOWNLOADING:
+            try:
+                self.deployment.receiver.flush()  # a planned stop keeps every chunk received
+            except StoreError as exc:
+                _LOGGER.warning("staging_flush_failed deployment=%s error=%s", self.deployment.deployment_id, exc)
         if self.link.connected:
             try:
                 info = self.link.publish(self.topics.up(self.device_id, "state"), self._state("offline").to_json(),
@@ -261,12 +276,21 @@ class Agent:
         else:
             self._publish("event", event.to_json())
 
-    def _send_report(self, report: Report) -> None:
+    def _send_report(self, report: Report) -> bytes:
         payload = _encode_report(report)
         self.outbox.put(self.topics.up(self.device_id, "report"), payload)
         self.flusher.kick()
         _LOGGER.info("report_queued deployment=%s load_ok=%s error_kind=%s bytes=%d", report.deployment_id,
                      report.load_ok, report.error_kind, len(payload))
+        return payload
+
+    def _resend_report(self, dep: Deployment, why: str) -> None:
+        """Publish the pending report again (at-least-once; the server de-duplicates by deployment id)."""
+        dep.next_report_resend = time.monotonic() + self.report_resend_s
+        if dep.report_payload is None or not self.link.connected:
+            return
+        _LOGGER.info("report_resent deployment=%s reason=%s", dep.deployment_id, why)
+        self._publish("report", dep.report_payload)
 
     # -- worker -------------------------------------------------------------------------------
     def _work_loop(self) -> None:
@@ -301,9 +325,14 @@ class Agent:
         if dep is None:
             return 5.0
         if dep.phase == DOWNLOADING:
-            return max(0.05, min(5.0, dep.last_progress + self.config.chunk_stall_s - time.monotonic()))
-        if dep.phase == AWAITING_VERDICT and dep.verdict_deadline is not None:
-            return max(0.05, min(5.0, dep.verdict_deadline - time.monotonic()))
+            due = dep.last_progress + self.config.chunk_stall_s
+            if dep.receiver.staging.unflushed:
+                due = min(due, time.monotonic() + dep.receiver.staging.flush_interval_s)
+            return max(0.05, min(5.0, due - time.monotonic()))
+        if dep.phase == AWAITING_VERDICT:
+            due = min(t for t in (dep.verdict_deadline, dep.next_report_resend, time.monotonic() + 5.0)
+                      if t is not None)
+            return max(0.05, due - time.monotonic())
         return 5.0
 
     def _check_deadlines(self) -> None:
@@ -311,13 +340,21 @@ class Agent:
         if dep is None:
             return
         now = time.monotonic()
-        if dep.phase == DOWNLOADING and now - dep.last_progress >= self.config.chunk_stall_s:
-            dep.last_progress = now
-            if self.link.connected:
-                self._event("need_chunks", deployment_id=dep.deployment_id, missing=dep.receiver.missing(),
-                            version=dep.manifest.version, reason="stalled")
+        if dep.phase == DOWNLOADING:
+            try:
+                dep.receiver.staging.flush_if_due()
+            except StoreError as exc:
+                self._fail_download(dep, exc)
+                return
+            if now - dep.last_progress >= self.config.chunk_stall_s:
+                dep.last_progress = now
+                if self.link.connected:
+                    self._event("need_chunks", deployment_id=dep.deployment_id, missing=dep.receiver.missing(),
+                                version=dep.manifest.version, reason="stalled")
         elif dep.phase == AWAITING_VERDICT and dep.verdict_deadline is not None and now >= dep.verdict_deadline:
             self._finish(dep, promoted=False, reason=f"no verdict within {self.config.verdict_timeout_s:.0f} s")
+        elif dep.phase == AWAITING_VERDICT and dep.next_report_resend is not None and now >= dep.next_report_resend:
+            self._resend_report(dep, "no verdict yet")
 
     def _on_connected(self, _payload: Any) -> None:
         self.publish_state()
@@ -326,6 +363,8 @@ class Agent:
             dep.last_progress = time.monotonic()
             self._event("need_chunks", deployment_id=dep.deployment_id, missing=dep.receiver.missing(),
                         version=dep.manifest.version, reason="reconnected")
+        elif dep is not None and dep.phase == AWAITING_VERDICT:
+            self._resend_report(dep, "reconnected")
         self.flusher.kick()
         self.ready.set()
 
@@ -450,7 +489,7 @@ class Agent:
                                 paired_pairs=20 if self.config.measure_mode == "quick" else 100)
         result = evaluate_candidate(dep, self.store, settings, measure=self._measure, paired=self._paired,
                                     incumbent=self.active_model, runtime_info=self.runtime)
-        self._send_report(result.report)
+        payload = self._send_report(result.report)
         if result.failed_event is not None:
             self.last_error = result.report.error
             self._event(result.failed_event, deployment_id=dep.deployment_id, version=dep.manifest.version,
@@ -460,6 +499,8 @@ class Agent:
         dep.candidate, dep.loaded = result.candidate, result.loaded
         dep.phase = AWAITING_VERDICT
         dep.verdict_deadline = time.monotonic() + self.config.verdict_timeout_s
+        dep.report_payload = payload
+        dep.next_report_resend = time.monotonic() + self.report_resend_s
 
     def _on_verdict(self, payload: bytes) -> None:
         dep = self.deployment

@@ -45,6 +45,10 @@ class Deployment:
     loaded: LoadedModel | None = None
     last_progress: float = field(default_factory=time.monotonic)
     verdict_deadline: float | None = None
+    # The report as sent, kept while awaiting the verdict: re-published on reconnect and
+    # periodically, because a broker restart can drop it before the server re-subscribes.
+    report_payload: bytes | None = None
+    next_report_resend: float | None = None
 
     @property
     def deployment_id(self) -> str:
@@ -97,6 +101,7 @@ def evaluate_candidate(deployment: Deployment, store: ModelStore, settings: Eval
                        runtime_info: RuntimeInfo | None = None) -> Evaluation:
     """Verify, install, load and measure the downloaded candidate; never raises for a bad model."""
     m = deployment.manifest
+    started = time.perf_counter()
     try:
         blob = deployment.receiver.assemble()
     except (VerifyError, OSError) as exc:
@@ -110,6 +115,7 @@ def evaluate_candidate(deployment: Deployment, store: ModelStore, settings: Eval
         return _failure(deployment, settings, kind, str(exc), "verify_failed" if kind == "verify_error" else "error",
                         runtime_info)
     del blob
+    install_ms = (time.perf_counter() - started) * 1000.0  # whole-file check + unpack + fsync + rename
     slot_dir = store.model_dir(candidate)
     model_bytes = _size_or_none(slot_dir / artifact.MODEL_FILE)
     try:
@@ -160,6 +166,7 @@ def evaluate_candidate(deployment: Deployment, store: ModelStore, settings: Eval
     context = dict(figures.get("context") or {})
     context["measure_config"] = figures.get("config")
     context["measure_s"] = figures.get("measure_s")
+    context["verify_install_ms"] = round(install_ms, 1)
     report = Report(
         device_id=settings.device_id, deployment_id=m.deployment_id, model_id=m.model_id, version=m.version,
         load_ok=True, mode=figures.get("mode", settings.mode),

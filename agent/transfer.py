@@ -131,6 +131,10 @@ class Receiver:
     def complete(self) -> bool:
         return self.staging.complete
 
+    def flush(self) -> None:
+        """Make the chunks received so far durable (before a planned stop)."""
+        self.staging.flush()
+
     def accept(self, chunk: chunking.Chunk) -> bool:
         """Store one decoded chunk; False for a harmless duplicate, ChunkRejected if it does not fit."""
         m = self.manifest

@@ -7,7 +7,11 @@ subprocess), the RSS of serving the same .tflite through TensorFlow (another sub
 process never imports TensorFlow), and a hot-swap run (HTTP clients under load during N swaps).
 
 Raw invoke and the API are measured in alternating blocks over the same real golden histories,
-so machine load from anything else hits both alike. Without --artifact, a model with the demo's
+so machine load from anything else hits both alike; so are the Recommender's serving call
+(`top_k`, what the runtime adds) and its measurement call. `details.python_stages_us` times the
+service's pure-Python steps alone, right after an invoke (`cold`, as in a real request: the
+invoke streams the weights through the caches) and repeated (`hot`), to show where
+`api - top_k` goes. Without --artifact, a model with the demo's
 shape (full catalogue, default dims, 1 epoch: latency does not depend on accuracy) is trained
 and exported in a subprocess and cached under --workdir.
 """
@@ -36,6 +40,7 @@ import numpy as np  # noqa: E402
 _LOGGER = logging.getLogger("bench.serving")
 
 TARGET_OVERHEAD_RATIO = 1.10
+LOCKS_PER_REQUEST = 1  # RecommendService.recommend: the model's lock, held around top_k_locked
 TARGET_RSS_FRACTION = 8
 HEAVY_MODULES = ("tensorflow", "tf_keras", "keras", "tensorflow_model_optimization")
 
@@ -96,7 +101,13 @@ def _raw_interpreter(model_file: Path, threads: int, probe: np.ndarray) -> Any:
 # ----------------------------------------------------------------------------- phases
 def measure_invoke_and_api(artifact_dir: Path, threads: int, seconds: float, min_runs: int,
                            block: int = 100) -> dict[str, Any]:
-    """Interleaved blocks: raw invoke() on a bare interpreter vs RecommendService.recommend."""
+    """Interleaved blocks over the same golden histories: raw invoke() vs the agent's layers above it.
+
+    Paths: `invoke` (bare interpreter, input set before the clock starts), `top_k` (the
+    Recommender's serving call: pack + SetTensor + Invoke + GetTensor + tolist, lock held),
+    `api` (RecommendService.recommend, codes in, products out) and `recommender` (the
+    measurement path, Recommender.recommend on an int32 array).
+    """
     from agent.model import open_model
     from agent.serving import RecommendService
 
@@ -107,11 +118,13 @@ def measure_invoke_and_api(artifact_dir: Path, threads: int, seconds: float, min
     model = open_model(artifact_dir, model_id="bench", version=1, threads=threads)
     service = RecommendService()
     service.swap(model)
+    rec = model.recommender
     rec_window = [np.asarray(h, dtype=np.int32) for h in histories]
+    windows = [list(h) for h in histories]
+    n = len(histories)
 
     def run_block(kind: str, start: int, out: list[float]) -> None:
         clock = time.perf_counter_ns
-        n = len(histories)
         for j in range(start, start + block):
             i = j % n
             if kind == "invoke":
@@ -123,42 +136,40 @@ def measure_invoke_and_api(artifact_dir: Path, threads: int, seconds: float, min
                 t0 = clock()
                 service.recommend(codes[i])
                 out.append(clock() - t0)
+            elif kind == "top_k":
+                t0 = clock()
+                with rec.lock:
+                    rec.top_k_locked(windows[i])
+                out.append(clock() - t0)
             else:
                 t0 = clock()
-                model.recommender.recommend(rec_window[i])
+                rec.recommend(rec_window[i])
                 out.append(clock() - t0)
 
+    kinds = ("invoke", "api", "top_k", "recommender")
     # warm-up: >= 10 calls and >= 2 s, as for device measurements
     warm: list[float] = []
     deadline = time.monotonic() + 2.0
     j = 0
     while time.monotonic() < deadline or j < 10 * block:
-        for kind in ("invoke", "api", "recommender"):
+        for kind in kinds:
             run_block(kind, j, warm)
         j += block
-    timings: dict[str, list[float]] = {"invoke": [], "api": [], "recommender": []}
+    timings: dict[str, list[float]] = {kind: [] for kind in kinds}
     started = time.monotonic()
     while time.monotonic() - started < seconds or len(timings["api"]) < min_runs:
-        for kind in ("invoke", "api", "recommender"):
+        for kind in kinds:
             run_block(kind, j, timings[kind])
         j += block
-    lock = threading.Lock()
-    t0 = time.perf_counter_ns()
-    for _ in range(100_000):
-        with lock:
-            pass
-    lock_ns = (time.perf_counter_ns() - t0) / 100_000
+    duration = time.monotonic() - started
+    stages = measure_python_stages(model, codes, windows)
     result = {
-        "invoke_p50_us": _p(timings["invoke"], 50) / 1e3,
-        "api_p50_us": _p(timings["api"], 50) / 1e3,
-        "recommender_p50_us": _p(timings["recommender"], 50) / 1e3,
-        "invoke_p90_us": _p(timings["invoke"], 90) / 1e3,
-        "api_p90_us": _p(timings["api"], 90) / 1e3,
+        **{f"{kind}_p50_us": _p(timings[kind], 50) / 1e3 for kind in kinds},
+        **{f"{kind}_p90_us": _p(timings[kind], 90) / 1e3 for kind in kinds},
         "n_per_path": len(timings["api"]),
-        # service: slot acquire + per-model invoke lock + release; the Recommender takes its own
-        "uncontended_lock_ns": lock_ns,
-        "lock_overhead_us_per_request": 4 * lock_ns / 1e3,
-        "duration_s": time.monotonic() - started,
+        "locks_per_request": LOCKS_PER_REQUEST,
+        "python_stages_us": stages,
+        "duration_s": duration,
         "runtime": model.runtime.to_dict() if model.runtime else None,
         "window": model.window,
         "k": model.k,
@@ -166,6 +177,79 @@ def measure_invoke_and_api(artifact_dir: Path, threads: int, seconds: float, min
     }
     service.close()
     return result
+
+
+def measure_python_stages(model: Any, codes: list[list[str]], windows: list[list[int]],
+                          rounds: int = 20_000) -> dict[str, dict[str, float]]:
+    """p50 of the API's pure-Python steps, each timed alone, with the operations the service runs.
+
+    Explains `api - top_k`. `cold`: the step runs right after an invoke, as in a real request
+    (the invoke streams the model's weights through the caches and evicts the catalogue
+    tables); `hot`: the same step repeated at once. Mirrors agent/serving/service.py.
+    """
+    index = {code: i for i, (code, _) in enumerate(model.items) if i}
+    names = [c for c, _ in model.items]
+    descriptions = [d for _, d in model.items]
+    size = len(names)
+    rec = model.recommender
+    lock = rec.lock
+    clock = time.perf_counter_ns
+    window_len = model.window
+    padding = [[0] * (window_len - m) for m in range(window_len + 1)]
+
+    def lookup(history: list[str]) -> list[int]:
+        return list(map(index.__getitem__, history))
+
+    def window_of(known: list[int]) -> list[int]:
+        m = len(known)
+        return known[-window_len:] if m > window_len else padding[m] + known if m < window_len else known
+
+    def lock_step(_: object) -> None:
+        with lock:
+            pass
+
+    def items_of(out: tuple[list[int], list[float]]) -> list[dict[str, Any]]:
+        return [{"stock_code": names[x], "description": descriptions[x], "score": s}
+                for x, s in zip(*out, strict=True) if 0 < x < size]
+
+    def response_of(items: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"items": items, "unknown": [], "truncated": False, "fallback": None,
+                "model": {"model_id": "bench", "version": 1}}
+
+    steps = {"lookup": lookup, "window": window_of, "lock": lock_step, "items": items_of, "response": response_of}
+    samples: dict[str, dict[str, list[int]]] = {temp: {name: [] for name in steps} for temp in ("cold", "hot")}
+    for r in range(rounds):
+        i = r % len(codes)
+        args = {"lookup": codes[i], "window": lookup(codes[i]), "lock": None,
+                "response": [], "items": None}
+        for name, step in steps.items():
+            with lock:  # a real invoke first, as before every step of a real request
+                out = rec.top_k_locked(windows[(i + 1) % len(windows)])
+            if name == "items":
+                args["items"] = out  # fresh output lists, as the service gets them
+            t0 = clock()
+            step(args[name])
+            t1 = clock()
+            step(args[name])
+            t2 = clock()
+            samples["cold"][name].append(t1 - t0)
+            samples["hot"][name].append(t2 - t1)
+    # The service runs these steps inline: subtract a clock reading plus a call of an empty function.
+    def nothing(_: object) -> None:
+        return None
+
+    empty = []
+    for _ in range(rounds):
+        t0 = clock()
+        nothing(None)
+        empty.append(clock() - t0)
+    floor = _p(empty, 50)
+    out_us: dict[str, dict[str, float]] = {
+        temp: {name: max(0.0, _p(values, 50) - floor) / 1e3 for name, values in per.items()}
+        for temp, per in samples.items()}
+    for per in out_us.values():
+        per["total"] = sum(per.values())
+    return out_us
 
 
 def measure_http(artifact_dir: Path, threads: int, seconds: float, min_runs: int) -> dict[str, Any]:
@@ -445,6 +529,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "details": {
             **{k: v for k, v in core.items() if k not in ("invoke_p50_us", "api_p50_us")},
+            "top_k_overhead_ratio": core["top_k_p50_us"] / core["invoke_p50_us"],
             "recommender_overhead_ratio": core["recommender_p50_us"] / core["invoke_p50_us"],
             **{k: v for k, v in web.items() if k != "http_p50_us"},
             **{k: v for k, v in swap.items() if k not in ("swap_requests", "swap_errors", "swap_p99_ms")},

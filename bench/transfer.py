@@ -211,13 +211,17 @@ def deploy_single(bench: Bench, artifact_dir: Path, repeats: int) -> dict[str, A
                                    f"{final.reason}\n{agent.log_tail()}")
             runs.append({"version": record.version, "status": final.status, "bytes": record.size,
                          "seconds": complete - start, "handshake_s": (accepted or start) - start,
+                         "chunks_s": complete - (accepted or start),
                          "end_to_end_s": time.time() - start,
                          "served_version": agent.model().get("version")})
     finally:
         agent.stop()
     seconds = statistics.median(r["seconds"] for r in runs)
     size = runs[0]["bytes"]
+    chunks_s = statistics.median(r["chunks_s"] for r in runs)
     return {"seconds": seconds, "mib_s": size / MIB / seconds, "runs": runs,
+            "handshake_s": statistics.median(r["handshake_s"] for r in runs),
+            "chunk_phase_mib_s": size / MIB / chunks_s,
             "all_promoted": all(r["status"] == "promoted" and r["served_version"] == r["version"] for r in runs)}
 
 
@@ -260,12 +264,21 @@ def deploy_fleet(bench: Bench, artifact_dir: Path, n: int) -> dict[str, Any]:
     }
 
 
-def _verified(bench: Bench, agent: Any, final: Any, version: int) -> bool:
-    """Promoted by the server after a load_ok report, serving it, and the registry agrees."""
-    device = bench.registry.find_device(agent.device_id)
-    return (final.status == "promoted" and bool(final.report and final.report.get("load_ok"))
-            and agent.active_model is not None and agent.active_model.version == version
-            and device is not None and device.active_version == version)
+def _verified(bench: Bench, agent: Any, final: Any, version: int, wait_s: float = 15.0) -> bool:
+    """Promoted after a load_ok report, serving it, and the registry's device record agrees.
+
+    The device record follows the agent's retained state, which arrives just after `promoted`.
+    """
+    if not (final.status == "promoted" and final.report and final.report.get("load_ok")
+            and agent.active_model is not None and agent.active_model.version == version):
+        return False
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        device = bench.registry.find_device(agent.device_id)
+        if device is not None and device.active_version == version:
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def _count(values: Any) -> dict[str, int]:
@@ -287,6 +300,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     dep_id = "d-" + hashlib.sha256(blob).hexdigest()[:12]
     pieces = chunking.split(blob, chunk_bytes)
     frames = [chunking.encode_chunk(dep_id, i, len(pieces), p) for i, p in enumerate(pieces)]
+    load_before = os.getloadavg()
     root = Path(tempfile.mkdtemp(prefix="edgeguide-bench-transfer-", dir=args.scratch))
     bench = Bench(root, chunk_bytes)
     try:
@@ -318,7 +332,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "deploy": single,
         "fleet": fleet,
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-                    "state_dir_fs": _fs_type(root)},
+                    "state_dir_fs": _fs_type(root),
+                    # fsync-bound figures swing with other processes' I/O: keep the load next to them
+                    "loadavg_1m_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)]},
         "definitions": {
             "raw_mib_s": "packed bytes / median time for one QoS 1 publisher to get all chunk frames to one "
                          "subscriber through the broker",

@@ -8,3 +8,5 @@ submodule can import TensorFlow.
 import os
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+# TensorFlow's C++ start-up chatter (oneDNN, CUDA probing) drowns the progress output; errors still show.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -184,7 +184,7 @@ def _size_note(result: StepResult, metrics: dict) -> str | None:
             parts.append(f"{name} is simulated: the .tflite holds float weights; the {notes['bits']}-bit "
                          f"tables would pack into {packed / 1024:.1f} KiB")
         if isinstance(notes, dict) and "sparsity" in notes:
-            parts.append(f"{name}: sparsity {notes['sparsity']:.2f}; the .tflite does not shrink, "
+            parts.append(f"{name}: sparsity {notes['sparsity']:.2f}; zeros do not shrink the .tflite, "
                          f"gzip {metrics['gzip_bytes'] / 1024:.1f} KiB")
         if isinstance(notes, dict) and "distinct" in notes:
             parts.append(f"{name}: {notes['clusters']} values per kernel; "
@@ -333,14 +333,14 @@ def run_search(reference: keras.Model, dataset: Dataset, variants: Sequence[Vari
                                    reference=ref_figures, check_compat=run.check_compat)
             metrics = json.loads((path / "metrics.json").read_text(encoding="utf-8"))
             latency = measure_host_latency(path / "model.tflite", golden, run.latency)
-            row = {"name": variant.name, "techniques": sorted(set(result.techniques)),
+            row = {"name": variant.name, "techniques": list(dict.fromkeys(result.techniques)),
                    "recipe": result.techniques, "quantization": result.quantization,
                    "params": int(result.model.count_params()), "artifact": str(path),
                    **_figures(metrics, latency), "size_note": _size_note(result, metrics),
                    "notes": _jsonable(result.notes)}
         except Exception as exc:  # one failing variant must not end a long search; the row says why
             _LOGGER.exception("variant %s failed", variant.name)
-            row = {"name": variant.name, "techniques": sorted({s.name for s in variant.steps}),
+            row = {"name": variant.name, "techniques": list(dict.fromkeys(s.name for s in variant.steps)),
                    "recipe": [s.name for s in variant.steps], "error": f"{type(exc).__name__}: {exc}"}
         row["seconds"] = time.perf_counter() - started
         state["variants"][variant.name] = row

@@ -36,12 +36,13 @@ class Seen:
 class DeviceWatch:
     """Records everything `device_id` publishes; waits for messages by kind and predicate."""
 
-    def __init__(self, broker_url: str, topics: Topics, device_id: str) -> None:
+    def __init__(self, broker_url: str, topics: Topics, device_id: str, *, tls_ca: str | None = None) -> None:
         self.topics = topics
         self.device_id = device_id
         self._seen: list[Seen] = []
         self._cond = threading.Condition()
-        self.link = MqttLink(broker_url, client_id=f"hil-watch-{uuid.uuid4().hex[:8]}", clean_start=True)
+        self.link = MqttLink(broker_url, client_id=f"hil-watch-{uuid.uuid4().hex[:8]}", clean_start=True,
+                             tls_ca=tls_ca)
         self.link.subscribe(f"{topics.prefix}/dev/{device_id}/up/+", self._on_up)
 
     def start(self, timeout: float = 10.0) -> DeviceWatch:

@@ -17,7 +17,8 @@ class Limits:
     """Size limits applied by both ends; the agent may lower `max_artifact_bytes` (its quota)."""
 
     max_json_bytes: int = 256 * KIB
-    max_manifest_bytes: int = 64 * KIB
+    # 4096 chunk digests of ~67 bytes each must fit: a 256 MiB artifact at 64 KiB chunks.
+    max_manifest_bytes: int = 320 * KIB
     max_chunk_bytes: int = 1 * MIB
     default_chunk_bytes: int = 64 * KIB
     max_chunks: int = 4096

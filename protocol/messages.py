@@ -90,6 +90,10 @@ class Manifest(_Signed):
     rollback: bool = False
     signature: str | None = None
 
+    @classmethod
+    def from_json(cls, payload: bytes | str, max_bytes: int = DEFAULT_LIMITS.max_manifest_bytes) -> Manifest:
+        return cls.from_dict(decode_object(payload, cls.KIND, max_bytes))
+
     @property
     def chunk_count(self) -> int:
         return len(self.chunk_sha256)

@@ -108,6 +108,7 @@ class MqttLink:
         self._lock = threading.RLock()
         self._connected = threading.Event()
         self._refused: str | None = None
+        self._connecting = False
         self._client: paho.Client | None = None
         self.is_v5 = False
 
@@ -157,6 +158,7 @@ class MqttLink:
         self.is_v5 = v5
         self._refused = None
         self._connected.clear()
+        self._connecting = True
         props = None
         if v5:
             props = Properties(PacketTypes.CONNECT)
@@ -173,6 +175,7 @@ class MqttLink:
         client.loop_start()
         if not self._connected.wait(timeout) or self._refused:
             reason = self._refused or f"no CONNACK within {timeout:.0f} s"
+            self._connecting = False
             self._teardown()
             raise ConnectError(str(self.address), reason)
 
@@ -237,6 +240,7 @@ class MqttLink:
     # -- paho callbacks (network thread) -----------------------------------------------------
     def _on_connect(self, client: paho.Client, _userdata: object, _flags: object, reason: object,
                     _props: object) -> None:
+        self._connecting = False
         if getattr(reason, "is_failure", False):
             text = str(reason)
             _LOGGER.warning("broker %s refused connection: %s", self.address, text)
@@ -261,6 +265,13 @@ class MqttLink:
 
     def _on_disconnect(self, _client: paho.Client, _userdata: object, _flags: object, reason: object,
                        _props: object) -> None:
+        if self._connecting:
+            # Closed before any CONNACK (e.g. an MQTT 3.1.1-only broker facing an MQTT 5 CONNECT):
+            # fail the attempt now instead of waiting out the timeout.
+            self._refused = f"connection closed before CONNACK ({reason})"
+            self._connecting = False
+            self._connected.set()
+            return
         self._connected.clear()
         _LOGGER.info("disconnected from %s: %s", self.address, reason)
 

@@ -1,8 +1,9 @@
-"""A small database adapter so the registry's SQL stays portable (SQLite now, PostgreSQL later).
+"""A small database adapter so the registry's SQL stays portable: SQLite by default, PostgreSQL by URL.
 
 Queries are written once with `?` placeholders and ANSI types; the dialect rewrites the
 placeholder and the auto-increment key type in one place. One connection is shared by the
-server's threads behind a lock: the registry's writes are few and tiny.
+server's threads behind a lock: the registry's writes are few and tiny. PostgreSQL (psycopg 3,
+the `postgres` extra) lets several server processes on several hosts share one registry.
 """
 
 from __future__ import annotations
@@ -114,9 +115,62 @@ class SqliteDatabase:
             self._conn.close()
 
 
+class PostgresDatabase:
+    """PostgreSQL through psycopg 3 in autocommit mode; `transaction()` groups statements (nested = savepoint)."""
+
+    dialect = POSTGRES
+
+    def __init__(self, url: str, connect_timeout_s: float = 10.0) -> None:
+        try:
+            import psycopg
+            from psycopg.rows import dict_row
+        except ImportError as exc:  # the optional dependency is missing, say how to get it
+            raise RuntimeError(f"PostgreSQL registry {_redact(url)!r} needs psycopg 3: "
+                               "pip install 'edgeguide[postgres]' (or psycopg[binary])") from exc
+        self.url = url
+        self._conn = psycopg.connect(url, autocommit=True, row_factory=dict_row,
+                                     connect_timeout=max(1, int(connect_timeout_s)))
+        self._lock = threading.RLock()
+        _LOGGER.debug("opened postgres registry %s", _redact(url))
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        with self._lock:
+            cur = self._conn.execute(self.dialect.adapt(sql), tuple(params))
+            return cur.rowcount
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        with self._lock:
+            cur = self._conn.execute(self.dialect.adapt(sql), tuple(params))
+            return list(cur.fetchall())
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """BEGIN ... COMMIT; a nested use becomes a savepoint inside the outer transaction."""
+        with self._lock, self._conn.transaction():
+            yield
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
+def _redact(url: str) -> str:
+    """The URL without its password, for logs and error messages."""
+    head, sep, tail = url.partition("@")
+    if not sep or "://" not in head:
+        return url
+    scheme, _, creds = head.partition("://")
+    return f"{scheme}://{creds.split(':', 1)[0]}:***@{tail}"
+
+
+def is_database_url(text: str) -> bool:
+    """True for a `postgresql://` / `postgres://` URL (anything else is a SQLite file path)."""
+    return str(text).startswith(("postgres://", "postgresql://"))
+
+
 def open_database(url_or_path: str | Path) -> Database:
-    """Open the registry database: a file path (SQLite) today; `postgresql://` is for issue 5."""
+    """Open the registry database: `postgresql://...` (psycopg 3) or a file path (SQLite)."""
     text = str(url_or_path)
-    if text.startswith(("postgres://", "postgresql://")):
-        raise NotImplementedError(f"PostgreSQL registry not available yet ({text!r}): use a SQLite path")
+    if is_database_url(text):
+        return PostgresDatabase(text)
     return SqliteDatabase(Path(text))

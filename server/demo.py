@@ -202,10 +202,13 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> int:
         from server.service import EdgeGuideServer, ServerConfig
 
         broker_url = options.broker
+        protocol = "auto"
         if broker_url is None:
+            protocol = "3.1.1"  # amqtt speaks only 3.1.1: skip the MQTT 5 attempt
+            broker = EmbeddedBroker(log_path=workdir / "amqtt.log")
+            stack.append(broker)  # before start(): a Ctrl-C during start must still stop the child
             with console.status("starting the embedded amqtt broker (MQTT 3.1.1) ..."):
-                broker = EmbeddedBroker(log_path=workdir / "amqtt.log").start()
-            stack.append(broker)
+                broker.start()
             broker_url = broker.url
         console.print(f"[bold]broker[/]: {broker_url}")
         registry = Registry(workdir / "server")
@@ -213,13 +216,14 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> int:
         console.print(f"[bold]registered[/] {record.id}: {record.size:,} bytes packed, sha256 {record.sha256[:16]}...")
         key_file = export_public_key(registry.data_dir, workdir / "server-key.pem")
         server = EdgeGuideServer(registry, ServerConfig(broker_url=broker_url, client_id="edgeguide-demo-server",
-                                                        topic_prefix="edgeguide-demo")).start()
+                                                        topic_prefix="edgeguide-demo", protocol=protocol))
         stack.append(server)
+        server.start()
         agent = LocalAgent(DEMO_DEVICE, broker_url, workdir / "agent-state", key_file, topic_prefix="edgeguide-demo",
                            measure_mode=options.measure_mode, log_path=workdir / "agent.log")
+        stack.append(agent)
         with console.status("starting the device agent (a separate process, no TensorFlow) ..."):
             agent.start()
-        stack.append(agent)
         console.print(f"[bold]agent[/] {DEMO_DEVICE} up (pid {agent.proc.pid if agent.proc else '?'}, "
                       f"HTTP port {agent.http_port})")
 

@@ -166,7 +166,14 @@ class Deployer:
         except (DeployError, OSError) as exc:
             self._finish(dep, "rejected", f"cannot send: {exc}")
             return
-        self.publish(self.topics.down(dep.device_id, "manifest"), manifest.to_json())
+        payload = manifest.to_json()
+        limits = DEFAULT_LIMITS
+        if len(payload) > limits.max_manifest_bytes or manifest.chunk_count > limits.max_chunks:
+            self._finish(dep, "rejected", f"manifest of {len(payload)} bytes for {manifest.chunk_count} chunks exceeds "
+                                          f"the device limits ({limits.max_manifest_bytes} bytes, {limits.max_chunks} "
+                                          f"chunks): deploy with a larger chunk size than {dep.chunk_size}")
+            return
+        self.publish(self.topics.down(dep.device_id, "manifest"), payload)
         _LOGGER.info("sent manifest of %s to %s (%d bytes in %d chunks)", dep.deployment_id, dep.device_id,
                      manifest.total_size, manifest.chunk_count)
 

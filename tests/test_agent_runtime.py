@@ -12,7 +12,15 @@ from test_agent_support import build_artifacts
 
 from agent import runtime
 from agent.model import open_model
-from agent.runtime import ModelLoadError, OpVersionError, RuntimeInfo, detect_runtime, load_recommender
+from agent.runtime import (
+    ModelLoadError,
+    OpVersionError,
+    Recommender,
+    RecommenderClosedError,
+    RuntimeInfo,
+    detect_runtime,
+    load_recommender,
+)
 from protocol import artifact
 
 
@@ -44,6 +52,56 @@ def test_recommend_reproduces_the_exported_golden_top_k(artifacts: dict[str, Pat
     rec.close()
     with pytest.raises(RuntimeError, match="closed"):
         rec.recommend(np.asarray(golden["histories"][0], dtype=np.int32))
+
+
+@pytest.mark.parametrize("name", ["float", "dynamic"])
+def test_serving_call_gives_the_golden_top_k_as_python_lists(artifacts: dict[str, Path], name: str) -> None:
+    golden = artifact.read_golden(artifacts[name])
+    rec = load_recommender(artifacts[name] / artifact.MODEL_FILE)
+    for history, expected in list(zip(golden["histories"], golden["item_ids"], strict=True))[:16]:
+        with rec.lock:
+            ids, scores = rec.top_k_locked(list(history))
+        assert ids == expected and all(type(i) is int for i in ids)
+        ref_ids, ref_scores = rec.recommend(np.asarray(history, dtype=np.int32))
+        assert ids == ref_ids.tolist() and scores == ref_scores.tolist()  # bit-identical float32 values
+    rec.close()
+    with pytest.raises(RecommenderClosedError, match=f"recommender for {rec.path} is closed"):
+        rec.top_k_locked(list(golden["histories"][0]))
+    with pytest.raises(RecommenderClosedError, match="closed"):
+        rec.score(np.asarray(golden["histories"][0], dtype=np.int32))
+
+
+def test_score_signature_ranks_like_the_recommend_signature(artifacts: dict[str, Path]) -> None:
+    folder = artifacts["float"]
+    golden = artifact.read_golden(folder)
+    rec = load_recommender(folder / artifact.MODEL_FILE)
+    for history in golden["histories"][:8]:
+        batch = np.asarray(history, dtype=np.int32)
+        ids, scores = rec.recommend(batch)
+        full = rec.score(batch)
+        np.testing.assert_allclose(full[ids], scores, rtol=1e-5, atol=1e-6)  # the same logits, two signatures
+        assert full[1:].max() == pytest.approx(float(scores[0]), rel=1e-5, abs=1e-6)
+
+
+def test_portable_runner_path_matches_the_direct_path(artifacts: dict[str, Path]) -> None:
+    """Interpreters without the usual wrapper API fall back to the public SignatureRunner."""
+    folder = artifacts["float"]
+    golden = artifact.read_golden(folder)
+    interpreter_cls, info = runtime._resolve(None)
+    interpreter = interpreter_cls(model_path=str(folder / artifact.MODEL_FILE), num_threads=1)
+    interpreter.allocate_tensors()
+    portable = Recommender(interpreter, info, folder / artifact.MODEL_FILE, 1, direct=False)
+    assert isinstance(portable._calls.invoke.__self__, runtime._RunnerCalls)
+    direct = load_recommender(folder / artifact.MODEL_FILE)
+    assert isinstance(direct._calls.invoke.__self__, type(interpreter._interpreter))
+    for history, expected in list(zip(golden["histories"], golden["item_ids"], strict=True))[:8]:
+        with portable.lock:
+            got = portable.top_k_locked(list(history))
+        with direct.lock:
+            assert got == direct.top_k_locked(list(history))
+        assert got[0] == expected
+        batch = np.asarray(history, dtype=np.int32)
+        np.testing.assert_array_equal(portable.score(batch), direct.score(batch))
 
 
 def test_bad_history_shape_is_refused_with_the_expected_shape(artifacts: dict[str, Path]) -> None:

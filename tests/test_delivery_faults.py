@@ -235,6 +235,7 @@ class Rig:
                                           version=preinstall.version, deployment_id="d-000000000000",
                                           max_unpacked_bytes=64 << 20)
             store.promote(ref)
+            store.mark_finished(ref.deployment_id)  # as after the deployment that installed it
         agent = KillableAgent(device_id, self.broker.url, state_dir, self.pub_key, topic_prefix=PREFIX,
                               log_path=self.root / f"{device_id}.log",
                               extra_args=["--chunk-stall-s", "1", "--heartbeat-s", "2", "--verdict-timeout-s", "60",
@@ -254,9 +255,13 @@ class Rig:
     def device_events(self, deployment_id: str) -> list[str]:
         return [e["kind"] for e in self.registry.events(deployment_id=deployment_id)]
 
-    def close(self) -> None:
+    def stop_devices(self) -> None:
         for dev in self.devices:
             dev.agent.stop()
+        self.devices.clear()
+
+    def close(self) -> None:
+        self.stop_devices()
         self.server.stop()
         self.registry.close()
 
@@ -269,14 +274,16 @@ def rig(broker: MosquittoBroker, models: dict[str, Path], tmp_path_factory: pyte
 
 
 @pytest.fixture(autouse=True)
-def clean_network(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Every test starts and ends with a well-behaved network."""
-    if "rig" in request.fixturenames:
-        request.getfixturevalue("rig").net.reset()
+def clean_rig(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every test starts with a well-behaved network and ends with its agents stopped."""
+    if "rig" not in request.fixturenames:
         yield
-        request.getfixturevalue("rig").net.reset()
-    else:
-        yield
+        return
+    rig = request.getfixturevalue("rig")
+    rig.net.reset()
+    yield
+    rig.net.reset()
+    rig.stop_devices()
 
 
 def wait_until(cond: Callable[[], object], timeout: float, what: str, poll_s: float = 0.01) -> object:
@@ -570,4 +577,4 @@ def test_full_disk_fails_cleanly_and_the_active_model_stays(rig: Rig, tmp_path: 
         newest = rig.register("dyn")
         dep3 = assert_outcome(rig, dev, rig.deploy(newest, dev), rig.base, newest)
         assert dep3.status == "promoted", dep3.reason
-        dev.agent.stop()
+        rig.stop_devices()  # before the tmpfs goes away

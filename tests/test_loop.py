@@ -86,10 +86,10 @@ def _event_kinds(registry: Registry, deployment_id: str) -> list[str]:
     return [e["kind"] for e in registry.events(deployment_id=deployment_id)]
 
 
-def test_pass_is_promoted_and_the_device_serves_it(loop: Loop) -> None:
+def test_pass_is_promoted_and_the_device_serves_it(loop: Loop, tiny_artifact_int8: Path) -> None:
     loop.start_server()
     agent = loop.start_agent()
-    record = loop.register()
+    record = loop.register(tiny_artifact_int8)  # the demo's kind of model: full-integer int8
     final = loop.deploy(record, chunk_size=32 * 1024)  # several chunks even for a tiny model
     assert final.status == "promoted", final.reason
     assert final.verdict["verdict"] == "PASS"
@@ -171,30 +171,14 @@ def test_chunk_corrupted_every_time_is_rejected_and_the_agent_keeps_its_model(lo
     assert agent.recommend(loop.history(), k=3)["items"]
 
 
-def _bump_op_version(src: Path, dest: Path, op_name: str = "FULLY_CONNECTED", version: int = 99) -> None:
-    """Copy an artifact with one op's version raised past what any runtime has: a real op-version mismatch."""
-    import flatbuffers
-    from tensorflow.lite.python import schema_py_generated as schema
-
-    shutil.copytree(src, dest)
-    model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel((src / "model.tflite").read_bytes(), 0))
-    code = getattr(schema.BuiltinOperator, op_name)
-    bumped = [oc for oc in model.operatorCodes if oc.builtinCode == code]
-    assert bumped, f"model has no {op_name}"
-    for oc in bumped:
-        oc.version = version
-    builder = flatbuffers.Builder(1024)
-    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
-    (dest / "model.tflite").write_bytes(bytes(builder.Output()))
-
-
-def test_model_the_runtime_cannot_load_is_refused_or_fails_with_the_load_error(loop: Loop, tmp_path: Path) -> None:
+def test_model_the_runtime_cannot_load_is_refused_or_fails_with_the_load_error(
+        loop: Loop, tmp_path: Path, tiny_artifacts: dict[str, Path]) -> None:
     loop.start_server()
     agent = loop.start_agent()
     v1 = loop.register()
     assert loop.deploy(v1).status == "promoted"
-    bad = tmp_path / "op-version-99"
-    _bump_op_version(loop.artifact, bad)
+    bad = tmp_path / "op-version-99"  # FULLY_CONNECTED raised to version 99: a real op-version mismatch
+    shutil.copytree(tiny_artifacts["opversion"], bad)
     runtime_key = loop.registry.device(DEVICE).runtime_key
     metrics = json.loads((bad / "metrics.json").read_text())
     metrics["runtimes"] = {runtime_key: {"loads": False, "error": "Didn't find op for builtin opcode "

@@ -78,7 +78,7 @@ def test_manifest_rejects_inconsistent_chunk_count_and_bad_types() -> None:
     with pytest.raises(ProtocolError, match="not valid UTF-8 JSON"):
         Manifest.from_json(b"{nope")
     with pytest.raises(ProtocolError, match="exceeds"):
-        Manifest.from_json(b" " * 300_000)
+        Manifest.from_json(b" " * 400_000)
     with pytest.raises(ProtocolError, match="NaN"):
         Manifest.from_json(b'{"version": NaN}')
 

@@ -32,11 +32,13 @@ def _until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
 
 
 @pytest.fixture
-def server(tmp_path: Path, mosquitto, topic_prefix: str) -> Iterator[EdgeGuideServer]:
+def server(request: pytest.FixtureRequest, tmp_path: Path, mosquitto, topic_prefix: str) -> Iterator[EdgeGuideServer]:
+    """A started server; parametrize indirectly with a deployment deadline in seconds (default 60)."""
+    deadline = getattr(request, "param", 60.0)
     srv = EdgeGuideServer(Registry(tmp_path / "data"),
                           ServerConfig(broker_url=mosquitto.url, topic_prefix=topic_prefix,
                                        client_id=f"srv-{topic_prefix}", tick_s=0.1),
-                          deployer_config=DeployerConfig(deadline_s=1.0)).start()
+                          deployer_config=DeployerConfig(deadline_s=deadline)).start()
     yield srv
     srv.stop()
 
@@ -95,6 +97,7 @@ def test_malformed_traffic_is_logged_recorded_and_survived(server: EdgeGuideServ
     _until(lambda: server.registry.find_device("pi-8") is not None)
 
 
+@pytest.mark.parametrize("server", [1.0], indirect=True)
 def test_overdue_deployment_times_out_and_the_device_is_told_to_cancel(
         server: EdgeGuideServer, device_link: MqttLink, tiny_artifact: Path) -> None:
     """A device that never answers: the deployment ends `timeout` and a signed cancel goes down."""
@@ -148,12 +151,12 @@ def test_deployer_config_is_validated() -> None:
 
 
 def test_server_runs_on_the_embedded_amqtt_broker(tmp_path: Path) -> None:
-    """MQTT 3.1.1 only (no shared subscriptions): the server must still ingest device traffic."""
+    """MQTT 3.1.1 only (no shared subscriptions): the server falls back to it and still ingests device traffic."""
     with EmbeddedBroker(log_path=tmp_path / "amqtt.log") as broker:
         pid = broker.proc.pid
         srv = EdgeGuideServer(Registry(tmp_path / "data"), ServerConfig(broker_url=broker.url, topic_prefix="amq"))
         srv.start()
-        link = MqttLink(broker.url, "amqtt-dev", clean_start=True)
+        link = MqttLink(broker.url, "amqtt-dev", clean_start=True, protocol="3.1.1")
         try:
             link.start()
             assert not link.is_v5 and not srv.link.is_v5
@@ -165,3 +168,12 @@ def test_server_runs_on_the_embedded_amqtt_broker(tmp_path: Path) -> None:
             srv.stop()
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)  # the broker process is gone
+
+
+def test_manifest_too_big_for_the_device_is_rejected_with_the_fix(server: EdgeGuideServer,
+                                                                   tiny_artifact: Path) -> None:
+    record = server.registry.register(tiny_artifact)
+    dep = server.deploy(record.model_id, "pi-10", force=True, chunk_size=16)
+    final = server.wait(dep.deployment_id, timeout=10)
+    assert final.status == "rejected"
+    assert "exceeds the device limits" in final.reason and "larger chunk size than 16" in final.reason

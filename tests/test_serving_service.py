@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 import threading
 import time
 from pathlib import Path
@@ -213,11 +214,16 @@ class _GatedRecommender:
         self._inner = inner
         self.entered = threading.Event()
         self.release = threading.Event()
+        self.calls = 0
+        self.fail: Exception | None = None  # raised instead of answering once released
 
     def recommend(self, history: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        self.calls += 1
         self.entered.set()
         if not self.release.wait(10):
             raise TimeoutError("test never released the gated request")
+        if self.fail is not None:
+            raise self.fail
         return self._inner.recommend(history)
 
     @property
@@ -295,6 +301,122 @@ def test_swapping_back_to_a_draining_model_keeps_it_open(serving_artifacts: tupl
     assert svc.recommend(["85123A"])["model"]["version"] == 1
     svc.close()
     assert old.recommender.closed
+
+
+def _wait_until_blocked_in_recommend(thread: threading.Thread) -> None:
+    """Until `thread` sits inside RecommendService.recommend (it can only block on the model lock there)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        frame = sys._current_frames().get(thread.ident)
+        if frame is not None and frame.f_code is RecommendService.recommend.__code__:
+            time.sleep(0.1)  # past the read of the active model, waiting for its lock
+            return
+        time.sleep(0.002)
+    raise AssertionError("the second request never reached RecommendService.recommend")
+
+
+def test_a_request_queued_on_a_swapped_out_model_is_answered_by_the_new_one(
+        serving_artifacts: tuple[Path, Path]) -> None:
+    old, gate = _gated(open_model(serving_artifacts[0], model_id="tiny", version=1))
+    new = open_model(serving_artifacts[1], model_id="tiny-int8", version=2)
+    history = _codes(new, [1, 2, 3])
+    svc = RecommendService()
+    svc.swap(old)
+    answers: dict[str, dict] = {}
+    first = threading.Thread(target=lambda: answers.update(first=svc.recommend(history)))
+    first.start()
+    assert gate.entered.wait(10)
+    second = threading.Thread(target=lambda: answers.update(second=svc.recommend(history)))
+    second.start()
+    _wait_until_blocked_in_recommend(second)
+    swapper = threading.Thread(target=svc.swap, args=(new,))
+    swapper.start()
+    deadline = time.monotonic() + 5
+    while svc.model_info()["version"] != 2 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    gate.release.set()  # the first request finishes on the old model and closes it
+    for thread in (first, second, swapper):
+        thread.join(10)
+    assert answers["first"]["model"]["version"] == 1 and answers["second"]["model"]["version"] == 2
+    assert gate.calls == 1  # the queued request never touched the closed interpreter
+    assert old.recommender.closed and svc.stats()["draining"] == 0
+    svc.close()
+
+
+def test_a_failing_last_request_still_closes_the_retired_model(serving_artifacts: tuple[Path, Path]) -> None:
+    old, gate = _gated(open_model(serving_artifacts[0], model_id="tiny", version=1))
+    gate.fail = RuntimeError("interpreter blew up")
+    new = open_model(serving_artifacts[1], model_id="tiny-int8", version=2)
+    svc = RecommendService(drain_timeout_s=0.05)
+    svc.swap(old)
+    errors: list[BaseException] = []
+
+    def request() -> None:
+        try:
+            svc.recommend(_codes(new, [4, 5]))
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=request)
+    thread.start()
+    assert gate.entered.wait(10)
+    svc.swap(new)  # gives up waiting after 0.05 s
+    assert not old.recommender.closed and svc.stats()["draining"] == 1
+    gate.release.set()
+    thread.join(10)
+    assert [str(e) for e in errors] == ["interpreter blew up"]
+    assert old.recommender.closed and svc.stats()["draining"] == 0
+    assert svc.recommend(_codes(new, [4, 5]))["model"]["version"] == 2
+    svc.close()
+
+
+class _CountingLock:
+    """The Recommender's lock, counting how often it is taken."""
+
+    def __init__(self, inner: threading.Lock) -> None:
+        self._inner = inner
+        self.acquired = 0
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        got = self._inner.acquire(blocking, timeout)
+        self.acquired += got
+        return got
+
+    def release(self) -> None:
+        self._inner.release()
+
+    def locked(self) -> bool:
+        return self._inner.locked()
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def test_a_request_takes_only_the_models_own_lock_once(serving_artifacts: tuple[Path, Path]) -> None:
+    model = open_model(serving_artifacts[0], model_id="tiny", version=1)
+    counting = _CountingLock(model.recommender.lock)
+    model.recommender.lock = counting  # type: ignore[assignment]
+    svc = RecommendService()
+    svc.swap(model)
+    history = _codes(model, [1, 2, 3, 4])
+    for _ in range(10):
+        svc.recommend(history)
+    assert counting.acquired == 10
+    svc.recommend(["NOT-A-CODE"])  # the popularity fallback never touches the interpreter
+    assert counting.acquired == 10
+    # A measurement holding the serving model's lock (paired comparison) makes requests wait.
+    done = threading.Event()
+    with counting:
+        thread = threading.Thread(target=lambda: (svc.recommend(history), done.set()))
+        thread.start()
+        assert not done.wait(0.2)
+    assert done.wait(10)
+    thread.join(10)
+    svc.close()
+    assert model.recommender.closed
 
 
 def test_a_closed_model_is_refused(serving_artifacts: tuple[Path, Path]) -> None:

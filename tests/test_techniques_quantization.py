@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from compression.data import load_dataset
+from compression.data import DERIVED_DIR, load_dataset
 from compression.model import build_reference
 from compression.techniques import (
     LinearQuantization,
@@ -25,7 +25,7 @@ from compression.techniques.quant_log import log2_quantize
 
 @pytest.fixture(scope="module")
 def tiny():
-    dataset = load_dataset(max_customers=150)
+    dataset = load_dataset(str(DERIVED_DIR), max_customers=150)  # the derived copy loads in ~0.3 s
     model = build_reference(dataset.num_items, window=20, dim=16, hidden=32)
     fine_tune(model, dataset, epochs=1.0)
     return model, dataset

@@ -16,6 +16,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from compression.data import Dataset
+from compression.model import INPUT_NAME
 from compression.techniques.base import TechniqueError
 
 _LOGGER = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ def copy_specs(model: keras.Model) -> list[LayerSpec]:
 
 def rebuild(window: int, specs: Sequence[LayerSpec], name: str) -> keras.Model:
     """Build a functional model from a chain of specs and load their weights."""
-    history = keras.Input(shape=(window,), dtype="int32", name=model_input_name())
+    history = keras.Input(shape=(window,), dtype="int32", name=INPUT_NAME)
     x = history
     for spec in specs:
         x = spec.layer(x)
@@ -101,13 +102,6 @@ def rebuild(window: int, specs: Sequence[LayerSpec], name: str) -> keras.Model:
                 raise TechniqueError(f"layer {spec.layer.name!r}: weight shapes {got} do not fit {expected}")
             spec.layer.set_weights(spec.weights)
     return model
-
-
-def model_input_name() -> str:
-    """The input name the export signatures expect."""
-    from compression.model import INPUT_NAME
-
-    return INPUT_NAME
 
 
 def clone_model(model: keras.Model, name: str | None = None) -> keras.Model:
