@@ -14,7 +14,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet --progress-bar on -e '.[agent,server,dev]'
+	$(PY) -m pip install --quiet --progress-bar on -e '.[agent,server,dev,postgres]'
 	@touch $(STAMP)
 
 demo: setup
@@ -24,7 +24,7 @@ demo-full: setup
 	$(VENV)/bin/edgeguide-server demo --full $(ARGS)
 
 test: setup
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+	$(PY) -m pytest tests hil_tests -p hil_tests.plugin --hil-quick $(PYTEST_ARGS)
 
 hil: setup
 	$(PY) -m pytest hil_tests -p hil_tests.plugin --hil-target local --hil-profile all $(PYTEST_ARGS)

@@ -1,6 +1,8 @@
 """`edgeguide-agent`: run the device agent, or check its configuration.
 
-Exit codes: 0 clean stop / valid config, 2 invalid configuration, 1 unexpected failure.
+Exit codes: 0 clean stop / valid config, 2 invalid configuration, 1 unexpected failure at start-up,
+3 fatal error while running (e.g. the network machinery could not start a thread): the process
+exits so its supervisor (systemd Restart=on-failure, the Termux loop) starts a fresh one.
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ _LOGGER = logging.getLogger(__name__)
 LOG_FORMAT = "%(asctime)s level=%(levelname)s logger=%(name)s %(message)s"
 # Modules whose presence in the agent process means TensorFlow was pulled in somewhere.
 HEAVY_MODULES = ("tensorflow", "tf_keras", "keras", "tensorflow_model_optimization")
+EXIT_FATAL = 3
+# After a fatal error the graceful stop gets this long; then SIGALRM's default action ends the
+# process (no thread needed: starting threads may be exactly what is failing).
+FATAL_STOP_S = 20
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-stall-s", type=float, help="seconds without a new chunk before missing chunks are "
                    "requested again (default 15)")
     p.add_argument("--outbox-max-bytes", type=int, help="bound of the on-disk queue of unsent reports (default 4 MiB)")
+    p.add_argument("--mqtt-protocol", choices=("auto", "5", "3.1.1"),
+                   help="MQTT version: auto (default) tries 5 for up to 5 s then 3.1.1; set 3.1.1 for a broker "
+                        "that only speaks it (amqtt, the demo's embedded broker, never answers an MQTT 5 CONNECT)")
+    p.add_argument("--report-resend-s", type=float, help="seconds between re-sends of a report still waiting for its "
+                   "verdict (default 30; it is also re-sent on every reconnect)")
     p.add_argument("--runtime", help="force the interpreter: ai-edge-litert, tflite-runtime or tensorflow "
                    "(default: the first installed, in that order)")
     p.add_argument("--check-config", action="store_true",
@@ -73,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 _OVERRIDES = ("device_id", "broker_url", "state_dir", "server_key", "username", "password", "tls_ca", "tls_cert",
               "tls_key", "topic_prefix", "http_host", "http_port", "threads", "quota_bytes", "measure_mode",
-              "verdict_timeout_s", "heartbeat_s", "chunk_stall_s", "outbox_max_bytes", "runtime")
+              "verdict_timeout_s", "heartbeat_s", "chunk_stall_s", "outbox_max_bytes", "runtime",
+              "mqtt_protocol", "report_resend_s")
 
 
 def heavy_modules_loaded() -> list[str]:
@@ -131,13 +143,27 @@ def _run(config, args: argparse.Namespace) -> int:  # noqa: ANN001 - AgentConfig
             threading.Thread(target=_write_ready_file, args=(agent, args.once_ready_file, stop_requested),
                              name="edgeguide-ready", daemon=True).start()
         while not stop_requested.wait(0.5):
-            pass
+            if agent.fatal_error is not None:
+                break
     except Exception:
         _LOGGER.exception("agent_failed")
         agent.stop()
         return 1
+    if agent.fatal_error is not None:
+        return _exit_fatal(agent)
     agent.stop()
     return 0
+
+
+def _exit_fatal(agent) -> int:  # noqa: ANN001 - Agent, imported lazily
+    """Stop what can be stopped, then exit non-zero so the supervisor restarts the agent."""
+    signal.alarm(FATAL_STOP_S)
+    try:
+        agent.stop()
+    except Exception:
+        _LOGGER.exception("stop_after_fatal_failed")
+    _LOGGER.error("agent_exiting code=%d reason=%s", EXIT_FATAL, agent.fatal_error)
+    return EXIT_FATAL
 
 
 def _write_ready_file(agent, path: Path, stop: threading.Event) -> None:  # noqa: ANN001

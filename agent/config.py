@@ -27,6 +27,7 @@ _LOGGER = logging.getLogger(__name__)
 
 ENV_PREFIX = "EDGEGUIDE_"
 MEASURE_MODES = ("quick", "full")
+MQTT_PROTOCOLS = ("auto", "5", "3.1.1")
 _PATH_FIELDS = {"state_dir", "server_key", "tls_ca", "tls_cert", "tls_key"}
 _SECRET_FIELDS = {"password"}
 
@@ -63,6 +64,11 @@ class AgentConfig:
     outbox_max_bytes: int = 4 * MIB
     chunk_stall_s: float = 15.0
     runtime: str | None = None  # force an interpreter (same as EDGEGUIDE_RUNTIME)
+    # auto tries MQTT 5 for up to 5 s, then 3.1.1: name the version when the broker is known
+    # (amqtt, the demo's embedded broker, speaks only 3.1.1 and never answers an MQTT 5 CONNECT).
+    mqtt_protocol: str = "auto"
+    # How often a report still waiting for its verdict is published again (also on every reconnect).
+    report_resend_s: float = 30.0
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def validate(self) -> AgentConfig:
@@ -105,7 +111,9 @@ class AgentConfig:
             problems.append(f"quota_bytes: must be in 1..{DEFAULT_LIMITS.max_artifact_bytes}, got {self.quota_bytes}")
         if self.measure_mode not in MEASURE_MODES:
             problems.append(f"measure_mode: must be one of {MEASURE_MODES}, got {self.measure_mode!r}")
-        for name in ("verdict_timeout_s", "heartbeat_s", "chunk_stall_s"):
+        if self.mqtt_protocol not in MQTT_PROTOCOLS:
+            problems.append(f"mqtt_protocol: must be one of {MQTT_PROTOCOLS}, got {self.mqtt_protocol!r}")
+        for name in ("verdict_timeout_s", "heartbeat_s", "chunk_stall_s", "report_resend_s"):
             if not getattr(self, name) > 0:
                 problems.append(f"{name}: must be > 0 seconds, got {getattr(self, name)}")
         if self.outbox_max_bytes < 64 * 1024:

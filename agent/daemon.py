@@ -28,9 +28,11 @@ from agent.deployment import (
     MEASURING,
     Deployment,
     EvalSettings,
+    Evaluation,
     MeasureFn,
     PairedFn,
     evaluate_candidate,
+    failed_evaluation,
 )
 from agent.model import LoadedModel, open_model
 from agent.outbox import Outbox, OutboxFlusher
@@ -51,7 +53,7 @@ _STOP = object()
 # mosquitto 2.0 does not restore `$share` subscriptions after a restart, so a report sent before
 # the server re-subscribed is dropped by the broker even though it acknowledged it. The server
 # de-duplicates by deployment id and answers a repeat with the verdict it already gave.
-REPORT_RESEND_S = 30.0
+# The default comes from AgentConfig.report_resend_s (30 s).
 
 
 @dataclass
@@ -65,12 +67,16 @@ class Agent:
 
     `measure`, `paired`, `measure_config` and `power_source` default to agent.measure's real
     implementations; tests pass a shorter MeasureConfig, never a fake measurement.
-    `report_resend_s` is how often an unanswered report is published again.
+    `report_resend_s` is how often an unanswered report is published again (default: the config's).
+    `fatal_error` is set when the agent can no longer work (its connect loop or worker died); the
+    CLI then exits non-zero so the supervisor restarts the process.
     """
 
     def __init__(self, config: AgentConfig, *, measure: MeasureFn | None = None, paired: PairedFn | None = None,
                  measure_config: Any = None, power_source: Any = "detect", service: Any = None,
-                 report_resend_s: float = REPORT_RESEND_S) -> None:
+                 report_resend_s: float | None = None) -> None:
+        if report_resend_s is None:
+            report_resend_s = config.report_resend_s
         if not report_resend_s > 0:
             raise ValueError(f"report_resend_s must be > 0, got {report_resend_s}")
         self.config = config
@@ -97,6 +103,7 @@ class Agent:
         self.active_model: LoadedModel | None = None
         self.deployment: Deployment | None = None
         self.last_error: str | None = None
+        self.fatal_error: str | None = None
         self.started_at = time.monotonic()
         self.ready = threading.Event()
         self.stopped = threading.Event()
@@ -111,6 +118,7 @@ class Agent:
             tls_key=str(config.tls_key) if config.tls_key else None,
             clean_start=False,
             will=(self.topics.up(self.device_id, "state"), self._state("offline").to_json(), 1, True),
+            protocol=config.mqtt_protocol,
         )
         self.flusher = OutboxFlusher(self.outbox, self._send_acked, lambda: self.link.connected)
 
@@ -133,7 +141,7 @@ class Agent:
         self.flusher.start()
         for name, target in (("worker", self._work_loop), ("heartbeat", self._heartbeat_loop),
                              ("connect", self._connect_loop)):
-            thread = threading.Thread(target=target, name=f"edgeguide-{name}", daemon=True)
+            thread = threading.Thread(target=self._guarded(name, target), name=f"edgeguide-{name}", daemon=True)
             thread.start()
             self._threads.append(thread)
 
@@ -212,8 +220,35 @@ class Agent:
         self.service.swap(model)
         self.active_model = model
 
+    def _guarded(self, name: str, target: Callable[[], None]) -> Callable[[], None]:
+        """Run a thread's loop; if it dies while the agent is meant to run, the agent is broken."""
+        def run() -> None:
+            try:
+                target()
+            except Exception as exc:
+                if self._stop.is_set():
+                    _LOGGER.warning("thread_failed_while_stopping thread=%s error=%r", name, exc)
+                    return
+                _LOGGER.exception("thread_died thread=%s", name)
+                self.declare_fatal(f"{name} thread died: {type(exc).__name__}: {exc}")
+        return run
+
+    def declare_fatal(self, reason: str) -> None:
+        """Record an error the process cannot recover from; the CLI exits non-zero on it."""
+        if self.fatal_error is None:
+            self.fatal_error = reason
+            self.last_error = reason
+            _LOGGER.critical("AGENT_FATAL device=%s reason=%s: exiting so the supervisor restarts the agent",
+                             self.device_id, reason)
+
     def _connect_loop(self) -> None:
-        """Keep trying the first connection (paho handles reconnects afterwards)."""
+        """Keep trying the first connection (paho handles reconnects afterwards).
+
+        Only ConnectError (unreachable, refused, no CONNACK) is transient and retried with backoff;
+        anything else (e.g. "can't start new thread" from paho's loop_start) escapes to `_guarded`,
+        which declares the agent fatal: a process that stays up but never connects is invisible to
+        its supervisor.
+        """
         delay = 1.0
         while not self._stop.is_set():
             try:
@@ -271,15 +306,27 @@ class Agent:
         _LOGGER.info("event type=%s deployment=%s version=%s reason=%s missing=%s", type_, deployment_id, version,
                      reason, len(missing) if missing is not None else None)
         if durable:
-            self.outbox.put(self.topics.up(self.device_id, "event"), event.to_json())
-            self.flusher.kick()
+            try:
+                self.outbox.put(self.topics.up(self.device_id, "event"), event.to_json())
+            except (OSError, ValueError) as exc:
+                _LOGGER.error("outbox_put_failed event=%s error=%s: publishing it directly", type_, exc)
+                self._publish("event", event.to_json())
+            else:
+                self.flusher.kick()
         else:
             self._publish("event", event.to_json())
 
-    def _send_report(self, report: Report) -> bytes:
-        payload = _encode_report(report)
-        self.outbox.put(self.topics.up(self.device_id, "report"), payload)
-        self.flusher.kick()
+    def _send_report(self, report: Report, payload: bytes | None = None) -> bytes:
+        """Queue the report durably; if the outbox cannot take it (full disk), publish it directly."""
+        payload = _encode_report(report) if payload is None else payload
+        try:
+            self.outbox.put(self.topics.up(self.device_id, "report"), payload)
+        except (OSError, ValueError) as exc:
+            _LOGGER.error("outbox_put_failed deployment=%s error=%s: publishing the report directly",
+                          report.deployment_id, exc)
+            self._publish("report", payload)
+        else:
+            self.flusher.kick()
         _LOGGER.info("report_queued deployment=%s load_ok=%s error_kind=%s bytes=%d", report.deployment_id,
                      report.load_ok, report.error_kind, len(payload))
         return payload
@@ -487,9 +534,18 @@ class Agent:
                                 runtime=self.config.runtime, measure_config=self._measure_config,
                                 power_source=self._power_source,
                                 paired_pairs=20 if self.config.measure_mode == "quick" else 100)
-        result = evaluate_candidate(dep, self.store, settings, measure=self._measure, paired=self._paired,
-                                    incumbent=self.active_model, runtime_info=self.runtime)
-        payload = self._send_report(result.report)
+        result: Evaluation | None = None
+        try:
+            result = evaluate_candidate(dep, self.store, settings, measure=self._measure, paired=self._paired,
+                                        incumbent=self.active_model, runtime_info=self.runtime)
+            payload = _encode_report(result.report)
+        except Exception as exc:  # evaluate_candidate reports model failures itself; this is an agent bug
+            _LOGGER.exception("evaluation_failed deployment=%s", dep.deployment_id)
+            self._drop_candidate(dep, result)
+            result = failed_evaluation(dep, settings, exc, "measure_error" if result else "load_error", self.runtime,
+                                       prefix="agent error while evaluating: ")
+            payload = _encode_report(result.report)
+        self._send_report(result.report, payload)
         if result.failed_event is not None:
             self.last_error = result.report.error
             self._event(result.failed_event, deployment_id=dep.deployment_id, version=dep.manifest.version,
@@ -501,6 +557,20 @@ class Agent:
         dep.verdict_deadline = time.monotonic() + self.config.verdict_timeout_s
         dep.report_payload = payload
         dep.next_report_resend = time.monotonic() + self.report_resend_s
+
+    def _drop_candidate(self, dep: Deployment, result: Evaluation | None) -> None:
+        """Close and delete a candidate whose evaluation broke down (never the active or previous model)."""
+        try:
+            if result is not None and result.loaded is not None:
+                result.loaded.close()
+            candidate = result.candidate if result else None
+            if candidate is None:
+                held = self.store.slot_contents(self.store.inactive_slot())
+                candidate = held if held is not None and held.deployment_id == dep.deployment_id else None
+            if candidate is not None:
+                self.store.discard_candidate(candidate)
+        except Exception:  # cleanup only: the report and the incumbent matter more
+            _LOGGER.exception("discard_failed deployment=%s", dep.deployment_id)
 
     def _on_verdict(self, payload: bytes) -> None:
         dep = self.deployment
@@ -560,12 +630,19 @@ class Agent:
                     _LOGGER.error("discard_failed deployment=%s error=%s", dep.deployment_id, exc)
         # Outcome first (durable), then bookkeeping: a kill between these steps leaves either the
         # staging (redone on restart) or an unfinished active pointer (_on_resume reports it).
-        self._event("promoted" if promoted else "rolled_back", deployment_id=dep.deployment_id,
-                    version=dep.manifest.version, reason=reason, durable=True)
-        self.store.mark_finished(dep.deployment_id)
-        self.store.remove_staging(dep.deployment_id)
-        if self.deployment is dep:
-            self.deployment = None
+        try:
+            self._event("promoted" if promoted else "rolled_back", deployment_id=dep.deployment_id,
+                        version=dep.manifest.version, reason=reason, durable=True)
+            self.store.mark_finished(dep.deployment_id)
+            self.store.remove_staging(dep.deployment_id)
+        except (StoreError, OSError) as exc:
+            # A full disk must not leave the deployment stuck in memory; a restart redoes the staging
+            # and the server de-duplicates a second report by deployment id.
+            self.last_error = f"finishing {dep.deployment_id}: {exc}"
+            _LOGGER.error("finish_bookkeeping_failed deployment=%s error=%s", dep.deployment_id, exc)
+        finally:
+            if self.deployment is dep:
+                self.deployment = None
         self.publish_state()
         _LOGGER.info("deployment_finished deployment=%s promoted=%s reason=%s active_version=%s",
                      dep.deployment_id, promoted, reason, self.active_model.version if self.active_model else None)

@@ -18,6 +18,7 @@ from protocol.limits import DEFAULT_LIMITS
 MAGIC = b"EGC1"
 _HEADER = struct.Struct(">4s14sII32s")
 HEADER_BYTES = _HEADER.size
+_DIGEST_BYTES = 32
 
 
 @dataclass(frozen=True)
@@ -43,13 +44,27 @@ def digests(blob: bytes, chunk_size: int) -> list[str]:
     return [hashlib.sha256(c).hexdigest() for c in split(blob, chunk_size)]
 
 
-def encode_chunk(deployment_id: str, index: int, count: int, data: bytes) -> bytes:
-    """Frame one chunk for the wire."""
+def encode_chunk(deployment_id: str, index: int, count: int, data: bytes,
+                 digest: bytes | str | None = None) -> bytes:
+    """Frame one chunk for the wire.
+
+    `digest` is the chunk's SHA-256 when the caller already has it (the manifest's chunk_sha256,
+    as raw bytes or hex): the server then hashes each model once, not again for every frame.
+    The receiver re-verifies the data against it, so a wrong digest only gets the frame refused.
+    """
     names.deployment_id(deployment_id)
     if not 0 <= index < count:
         raise ValueError(f"chunk index {index} outside 0..{count - 1}")
-    return _HEADER.pack(MAGIC, deployment_id.encode("ascii"), index, count,
-                        hashlib.sha256(data).digest()) + data
+    if digest is None:
+        digest = hashlib.sha256(data).digest()
+    elif isinstance(digest, str):
+        try:
+            digest = bytes.fromhex(digest)
+        except ValueError as exc:
+            raise ValueError(f"chunk {index} digest {digest[:80]!r} is not hex") from exc
+    if len(digest) != _DIGEST_BYTES:
+        raise ValueError(f"chunk {index} digest must be {_DIGEST_BYTES} bytes of SHA-256, got {len(digest)}")
+    return _HEADER.pack(MAGIC, deployment_id.encode("ascii"), index, count, bytes(digest)) + data
 
 
 def decode_chunk(payload: bytes, max_chunk_bytes: int = DEFAULT_LIMITS.max_chunk_bytes) -> Chunk:

@@ -21,12 +21,22 @@ _LOGGER = logging.getLogger(__name__)
 
 ENV_DATA_DIR = "EDGEGUIDE_DATA_DIR"
 ENV_BROKER = "EDGEGUIDE_BROKER"
+ENV_DATABASE = "EDGEGUIDE_DATABASE"
 
 
 def _default_data_dir() -> Path:
     from server.registry import DEFAULT_DATA_DIR
 
     return Path(os.environ.get(ENV_DATA_DIR) or DEFAULT_DATA_DIR)
+
+
+def _registry(args: argparse.Namespace, data_dir: Path):
+    """The registry in `data_dir`, on PostgreSQL when --database/EDGEGUIDE_DATABASE gives a URL."""
+    from server.db import open_database
+    from server.registry import Registry
+
+    url = getattr(args, "database", None)
+    return Registry(data_dir, db=open_database(url) if url else None)
 
 
 def _model_ref(text: str) -> tuple[str, int | None]:
@@ -79,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", type=Path, default=None,
                         help="registry, keys and reports live here "
                              f"(default ~/.local/share/edgeguide; env {ENV_DATA_DIR})")
+    parser.add_argument("--database", default=os.environ.get(ENV_DATABASE),
+                        help="registry database URL, postgresql://USER@HOST:PORT/DB (needs the postgres extra); "
+                             f"default: SQLite in the data dir (env {ENV_DATABASE})")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -107,6 +120,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="deploy to a never-seen device, or despite metrics.json saying its runtime cannot load it")
     _deploy_options(p)
     _mqtt_options(p, "run the server in this process against this broker (default: leave it to `serve`)")
+
+    p = sub.add_parser("rollout", help="staged rollout of MODEL[:VERSION]: canary group first, then waves",
+                       description="Deploy to named groups (in order), then to the remaining devices in waves. A stage "
+                                   "whose failures pass --max-failure-pct stops the rollout and its promoted devices "
+                                   "are told to roll back. Progress is kept in the registry: a restarted server "
+                                   "resumes it. Without --broker a running `serve` performs it.")
+    p.add_argument("model", type=_model_ref, metavar="MODEL[:VERSION]", help="registered model id, optional version")
+    p.add_argument("--group", action="append", default=[], metavar="NAME=DEV1,DEV2",
+                   help="a named stage run before the waves (repeatable, in order), e.g. canary=pi-1,pi-2")
+    p.add_argument("--devices",
+                   help="comma-separated devices for the waves (default: every known device not in a group)")
+    p.add_argument("--waves", type=int, default=1, help="split the wave devices into this many waves (default 1)")
+    p.add_argument("--max-failure-pct", type=float, default=20.0,
+                   help="stop and roll back a stage when more than this percent of it failed (default 20)")
+    p.add_argument("--plan", type=Path, help="TOML plan (max_failure_pct, waves, devices, [[group]] name/devices) "
+                                             "instead of the options above")
+    p.add_argument("--wait", action="store_true", help="wait until the rollout completes or aborts")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds to --wait (default %(default)s)")
+    _deploy_options(p)
+    _mqtt_options(p, "run the server in this process against this broker until the rollout ends")
+
+    p = sub.add_parser("rollouts", help="list rollouts with their stage and per-device outcomes")
 
     p = sub.add_parser("devices", help="list devices the server has heard from")
     p = sub.add_parser("deployments", help="list deployments, newest first")
@@ -165,10 +200,9 @@ def cmd_serve(args: argparse.Namespace, data_dir: Path) -> int:
     import signal
 
     from server.policy import load_policy
-    from server.registry import Registry
     from server.service import EdgeGuideServer
 
-    server = EdgeGuideServer(Registry(data_dir), _server_config(args), policy=load_policy(args.policy),
+    server = EdgeGuideServer(_registry(args, data_dir), _server_config(args), policy=load_policy(args.policy),
                              deployer_config=_deployer_config(args))
     stop = {"flag": False}
 
@@ -190,9 +224,8 @@ def cmd_serve(args: argparse.Namespace, data_dir: Path) -> int:
 
 
 def cmd_register(args: argparse.Namespace, data_dir: Path) -> int:
-    from server.registry import Registry
 
-    registry = Registry(data_dir)
+    registry = _registry(args, data_dir)
     record = registry.register(args.artifact_dir, model_id=args.model_id)
     m = record.metrics
     print(f"registered {record.model_id} version {record.version}: {record.size} bytes packed, sha256 {record.sha256}"
@@ -204,11 +237,10 @@ def cmd_deploy(args: argparse.Namespace, data_dir: Path) -> int:
     from server import keys
     from server.deployer import Deployer
     from server.policy import load_policy
-    from server.registry import Registry
     from server.service import EdgeGuideServer, wait_for_deployment
 
     model_id, version = args.model
-    registry = Registry(data_dir)
+    registry = _registry(args, data_dir)
     policy = load_policy(args.policy)
     server = None
     if args.broker:
@@ -248,18 +280,92 @@ def cmd_deploy(args: argparse.Namespace, data_dir: Path) -> int:
     return 0 if final.status == "promoted" else 1
 
 
+def cmd_rollout(args: argparse.Namespace, data_dir: Path) -> int:
+    from server import keys
+    from server.deployer import Deployer
+    from server.policy import load_policy
+    from server.rollout import RolloutManager, load_plan, make_plan, parse_group
+    from server.service import EdgeGuideServer
+
+    model_id, version = args.model
+    registry = _registry(args, data_dir)
+    known = [d.device_id for d in registry.devices()]
+    if args.plan:
+        plan = load_plan(args.plan, known)
+    else:
+        devices = [d.strip() for d in args.devices.split(",") if d.strip()] if args.devices else known
+        plan = make_plan([parse_group(g) for g in args.group], devices, args.waves, args.max_failure_pct)
+    policy = load_policy(args.policy) if args.policy else None
+    server = None
+    if args.broker:
+        server = EdgeGuideServer(registry, _server_config(args, one_shot=True), policy=load_policy(args.policy),
+                                 deployer_config=_deployer_config(args)).start()
+        manager = server.rollouts
+    else:
+        deployer = Deployer(registry, keys.server_key(data_dir), _no_publish, policy=load_policy(args.policy),
+                            config=_deployer_config(args))
+        manager = RolloutManager(registry, deployer)
+    rollout = manager.create(model_id, plan, version=version, policy=policy)
+    for stage in plan.stages:
+        print(f"  {stage.name}: {', '.join(stage.devices)}")
+    print(f"rollout {rollout.rollout_id}: {rollout.model_id}@{rollout.version} in {len(plan.stages)} stages, "
+          f"stop above {plan.max_failure_pct:g} % failures", flush=True)
+    if not (args.wait or server):
+        print("a running `edgeguide-server serve` will perform it; follow it with `edgeguide-server rollouts`")
+        return 0
+    deadline = time.monotonic() + args.timeout
+    last = None
+    try:
+        while not rollout.finished:
+            if (rollout.status, rollout.stage) != last:
+                last = (rollout.status, rollout.stage)
+                print(f"  {rollout.status} stage {rollout.stage} {rollout.reason}".rstrip(), flush=True)
+            if time.monotonic() > deadline:
+                print(f"error: rollout {rollout.rollout_id} still {rollout.status} after {args.timeout:.0f} s",
+                      file=sys.stderr)
+                return 3
+            time.sleep(0.5)
+            rollout = manager.get(rollout.rollout_id)
+    finally:
+        if server is not None:
+            server.stop()
+    print(f"{rollout.rollout_id}: {rollout.status} - {rollout.reason}")
+    return 0 if rollout.status == "completed" else 1
+
+
+def cmd_rollouts(args: argparse.Namespace, data_dir: Path) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from server import keys
+    from server.deployer import Deployer
+    from server.policy import load_policy
+    from server.rollout import RolloutManager
+
+    registry = _registry(args, data_dir)
+    manager = RolloutManager(registry, Deployer(registry, keys.server_key(data_dir), _no_publish,
+                                                policy=load_policy(None)))
+    table = Table("rollout", "model", "status", "stage", "devices (outcome)", "reason")
+    for r in manager.rollouts():
+        outcomes = ", ".join(f"{d}={m['outcome'] or ('-' if m['deployment_id'] is None else 'running')}"
+                             for d, m in r.devices.items())
+        table.add_row(r.rollout_id, f"{r.model_id}@{r.version}", r.status,
+                      f"{r.stage + 1}/{len(r.plan.stages)} {r.plan.stages[r.stage].name}", outcomes, r.reason[:80])
+    Console().print(table)
+    return 0
+
+
 def _no_publish(topic: str, payload: bytes) -> None:
     raise RuntimeError(f"this process has no broker connection (tried to publish on {topic!r})")
 
 
-def cmd_devices(_args: argparse.Namespace, data_dir: Path) -> int:
+def cmd_devices(args: argparse.Namespace, data_dir: Path) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from server.registry import Registry
 
     table = Table("device", "status", "active model", "runtime", "last seen", "last error")
-    for d in Registry(data_dir).devices():
+    for d in _registry(args, data_dir).devices():
         active = f"{d.active_model_id}@{d.active_version}" if d.active_model_id else "-"
         table.add_row(d.device_id, d.status, active, d.runtime_key or "-", _ts(d.last_seen), d.last_error or "")
     Console().print(table)
@@ -270,24 +376,22 @@ def cmd_deployments(args: argparse.Namespace, data_dir: Path) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from server.registry import Registry
 
     table = Table("deployment", "device", "model", "status", "verdict", "created", "reason")
-    for d in Registry(data_dir).deployments(active_only=args.active, device_id=args.device, limit=args.limit):
+    for d in _registry(args, data_dir).deployments(active_only=args.active, device_id=args.device, limit=args.limit):
         table.add_row(d.deployment_id, d.device_id, f"{d.model_id}@{d.version}", d.status,
                       (d.verdict or {}).get("verdict", "-"), _ts(d.created), d.reason[:80])
     Console().print(table)
     return 0
 
 
-def cmd_artifacts(_args: argparse.Namespace, data_dir: Path) -> int:
+def cmd_artifacts(args: argparse.Namespace, data_dir: Path) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from server.registry import Registry
 
     table = Table("id", "version", "packed bytes", "tflite bytes", "HR@10", "techniques", "registered")
-    for a in Registry(data_dir).artifacts():
+    for a in _registry(args, data_dir).artifacts():
         m = a.metrics
         hr = m.get("hr10")
         table.add_row(a.id, str(a.version), str(a.size), str(m.get("tflite_bytes", "-")),
@@ -312,7 +416,8 @@ def cmd_demo(args: argparse.Namespace, _data_dir: Path) -> int:
                                 workdir=args.workdir, measure_mode=args.measure_mode, verbose=args.verbose))
 
 
-COMMANDS = {"serve": cmd_serve, "register": cmd_register, "deploy": cmd_deploy, "devices": cmd_devices,
+COMMANDS = {"serve": cmd_serve, "register": cmd_register, "deploy": cmd_deploy, "rollout": cmd_rollout,
+            "rollouts": cmd_rollouts, "devices": cmd_devices,
             "deployments": cmd_deployments, "artifacts": cmd_artifacts, "export-key": cmd_export_key,
             "demo": cmd_demo}
 
@@ -324,13 +429,14 @@ def main(argv: list[str] | None = None) -> int:
     from server.deployer import DeployError
     from server.policy import PolicyError
     from server.registry import RegistryError
+    from server.rollout import RolloutError
 
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     data_dir = (args.data_dir or _default_data_dir()).expanduser()
     try:
         return COMMANDS[args.command](args, data_dir)
-    except (DeployError, RegistryError, PolicyError, ProtocolError, ConnectError, ValueError) as exc:
+    except (DeployError, RegistryError, RolloutError, PolicyError, ProtocolError, ConnectError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

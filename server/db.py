@@ -115,6 +115,10 @@ class SqliteDatabase:
             self._conn.close()
 
 
+class DatabaseConnectError(RuntimeError):
+    """The registry database named by a URL cannot be reached; the message names it (password redacted)."""
+
+
 class PostgresDatabase:
     """PostgreSQL through psycopg 3 in autocommit mode; `transaction()` groups statements (nested = savepoint)."""
 
@@ -128,8 +132,12 @@ class PostgresDatabase:
             raise RuntimeError(f"PostgreSQL registry {_redact(url)!r} needs psycopg 3: "
                                "pip install 'edgeguide[postgres]' (or psycopg[binary])") from exc
         self.url = url
-        self._conn = psycopg.connect(url, autocommit=True, row_factory=dict_row,
-                                     connect_timeout=max(1, int(connect_timeout_s)))
+        try:
+            self._conn = psycopg.connect(url, autocommit=True, row_factory=dict_row,
+                                         connect_timeout=max(1, int(connect_timeout_s)))
+        except psycopg.OperationalError as exc:
+            raise DatabaseConnectError(f"cannot connect to the PostgreSQL registry {_redact(url)}: "
+                                       f"{str(exc).strip()}") from exc
         self._lock = threading.RLock()
         _LOGGER.debug("opened postgres registry %s", _redact(url))
 

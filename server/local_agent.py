@@ -27,11 +27,14 @@ class AgentProcessError(RuntimeError):
 
 
 class LocalAgent:
-    """One agent child process; `start()` returns once it is connected to the broker and serving."""
+    """One agent child process; `start()` returns once it is connected to the broker and serving.
+
+    Pass `mqtt_protocol="3.1.1"` when the broker is the embedded amqtt one (server.demo knows).
+    """
 
     def __init__(self, device_id: str, broker_url: str, state_dir: Path, server_key: Path, *,
                  topic_prefix: str = "edgeguide", measure_mode: str = "quick", extra_args: list[str] | None = None,
-                 log_path: Path | None = None) -> None:
+                 log_path: Path | None = None, mqtt_protocol: str = "auto") -> None:
         self.device_id = device_id
         self.broker_url = broker_url
         self.state_dir = Path(state_dir)
@@ -39,6 +42,9 @@ class LocalAgent:
         self.topic_prefix = topic_prefix
         self.measure_mode = measure_mode
         self.extra_args = list(extra_args or [])
+        # "3.1.1" for the embedded amqtt broker, which never answers an MQTT 5 CONNECT ("auto" would
+        # wait 5 s for it first); the launcher cannot tell the broker kind from its URL, the caller can.
+        self.mqtt_protocol = mqtt_protocol
         self.log_path = Path(log_path) if log_path else self.state_dir.with_name(self.state_dir.name + ".log")
         self.ready_file = self.state_dir.with_name(self.state_dir.name + ".ready.json")
         self.proc: subprocess.Popen | None = None
@@ -48,7 +54,7 @@ class LocalAgent:
         return [sys.executable, "-m", "agent", "--device-id", self.device_id, "--broker", self.broker_url,
                 "--state-dir", str(self.state_dir), "--server-key", str(self.server_key), "--http-port", "0",
                 "--topic-prefix", self.topic_prefix, "--measure-mode", self.measure_mode,
-                "--once-ready-file", str(self.ready_file), *self.extra_args]
+                "--once-ready-file", str(self.ready_file), "--mqtt-protocol", self.mqtt_protocol, *self.extra_args]
 
     def start(self, timeout: float = 60.0) -> LocalAgent:
         if self.proc is not None:

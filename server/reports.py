@@ -111,28 +111,53 @@ def _markdown(deployment: dict[str, Any], report: dict[str, Any] | None, verdict
                                              if not isinstance(v, dict | list)) or "n/a")]
         if report.get("error"):
             lines.append(f"- error ({_fmt(report.get('error_kind'))}): {report['error']}")
+        if isinstance(lat, dict):
+            lines += ["", *text_histogram(lat)]
         if plot is not None:
             lines += ["", f"![latency]({plot.name})"]
         lines.append("")
     return "\n".join(lines)
 
 
+def text_histogram(latency: dict[str, Any], width: int = 40) -> list[str]:
+    """The latency histogram as Markdown text bars: readable anywhere and cheap at fleet scale."""
+    hist = latency.get("histogram") if isinstance(latency.get("histogram"), dict) else None
+    edges = (hist or {}).get("edges_ms", (hist or {}).get("edges"))
+    counts = (hist or {}).get("counts")
+    if not (isinstance(edges, list) and isinstance(counts, list) and len(edges) == len(counts) + 1 and counts):
+        return []
+    top = max(max(counts), 1)
+    lines = ["```", "latency (ms)        inferences"]
+    for lo, hi, n in zip(edges[:-1], edges[1:], counts, strict=True):
+        bar = "#" * round(width * n / top)
+        lines.append(f"{_fmt(lo, 3):>8}-{_fmt(hi, 3):<8} {bar} {n}")
+    lines.append("```")
+    return lines
+
+
 def write_report(reports_dir: Path, deployment: dict[str, Any], report: dict[str, Any] | None,
-                 verdict: dict[str, Any] | None) -> Path:
-    """Write report.json, report.md and (if latency was measured) latency.png; returns the folder."""
+                 verdict: dict[str, Any] | None, plot: bool = True) -> Path:
+    """Write report.json and report.md (with a text histogram) and, if `plot`, latency.png; returns the folder.
+
+    The PNG costs ~0.15 s of CPU (matplotlib), so the server draws it once per deployment, off the
+    ingestion path; the Markdown text histogram is always there.
+    """
     folder = Path(reports_dir) / deployment["deployment_id"]
     folder.mkdir(parents=True, exist_ok=True)
+    png = None
+    latency = (report or {}).get("latency_ms")
+    if plot and isinstance(latency, dict):
+        title = f"{deployment['model_id']} v{deployment['version']} on {deployment['device_id']}"
+        try:
+            png = plot_latency(latency, folder / LATENCY_PNG, title)
+        except (ValueError, TypeError) as exc:  # a malformed histogram must not lose the rest of the report
+            _LOGGER.warning("latency plot for %s failed: %s", deployment["deployment_id"], exc)
+    elif (folder / LATENCY_PNG).exists():
+        png = folder / LATENCY_PNG
+    (folder / REPORT_MD).write_text(_markdown(deployment, report, verdict, png), encoding="utf-8")
+    # JSON last: a report.json showing a status means the plot and Markdown of that status exist too.
     (folder / REPORT_JSON).write_text(
         json.dumps({"deployment": deployment, "report": report, "verdict": verdict}, indent=2, sort_keys=True),
         encoding="utf-8")
-    plot = None
-    latency = (report or {}).get("latency_ms")
-    if isinstance(latency, dict):
-        title = f"{deployment['model_id']} v{deployment['version']} on {deployment['device_id']}"
-        try:
-            plot = plot_latency(latency, folder / LATENCY_PNG, title)
-        except (ValueError, TypeError) as exc:  # a malformed histogram must not lose the rest of the report
-            _LOGGER.warning("latency plot for %s failed: %s", deployment["deployment_id"], exc)
-    (folder / REPORT_MD).write_text(_markdown(deployment, report, verdict, plot), encoding="utf-8")
     _LOGGER.info("wrote report for %s in %s", deployment["deployment_id"], folder)
     return folder

@@ -23,6 +23,7 @@ from server import keys
 from server.deployer import ChunkTransform, Deployer, DeployerConfig
 from server.policy import Policy, load_policy
 from server.registry import DeploymentRecord, Registry
+from server.rollout import RolloutManager
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -63,12 +64,14 @@ class EdgeGuideServer:
         self.deployer = Deployer(registry, self.key, self._publish, topics=self.topics,
                                  policy=policy or load_policy(), config=deployer_config,
                                  chunk_transform=chunk_transform)
+        self.rollouts = RolloutManager(registry, self.deployer)
         # Work for the single worker thread: a received message, a callable, or None to stop.
         self._inbox: queue.Queue[tuple[str, bytes] | Callable[[], object] | None] = queue.Queue()
         self._worker: threading.Thread | None = None
         self._stopping = threading.Event()
         self._subscribed = False
         self.malformed = 0
+        self.reports_ingested = 0
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def start(self, timeout: float = 10.0) -> EdgeGuideServer:
@@ -138,6 +141,7 @@ class EdgeGuideServer:
                 self._guarded(topic, payload, lambda t=topic, p=payload: self.handle(t, p))
             if time.monotonic() >= next_tick:
                 self._guarded("tick", b"", self.deployer.tick)
+                self._guarded("rollout tick", b"", self.rollouts.tick)
                 next_tick = time.monotonic() + self.config.tick_s
 
     def _guarded(self, topic: str, payload: bytes, fn: Callable[[], object]) -> None:
@@ -180,6 +184,10 @@ class EdgeGuideServer:
         elif isinstance(message, Event):
             self.deployer.handle_event(message)
         else:
+            self.reports_ingested += 1
+            # Which server process took the report: with a $share group each report goes to exactly one.
+            self.registry.log_event("ingest:report", device_id=message.device_id,
+                                    deployment_id=message.deployment_id, detail=self.config.client_id)
             self.deployer.handle_report(message)
 
     # ---- API -----------------------------------------------------------------------------------

@@ -100,3 +100,49 @@ def test_a_server_key_that_is_not_an_ed25519_pem_is_refused(tmp_path: Path) -> N
     not_a_key.write_text("-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n")
     with pytest.raises(ConfigError, match="is not an Ed25519 public key PEM"):
         load_config(None, {"device_id": "d1", "server_key": str(not_a_key), "state_dir": str(tmp_path)}, env={})
+
+
+def test_mqtt_protocol_and_report_resend_from_file_env_and_options(tmp_path: Path) -> None:
+    _, pub = new_keypair(tmp_path)
+    conf = tmp_path / "agent.toml"
+    conf.write_text(f'device_id = "pi-1"\nserver_key = "{pub}"\nstate_dir = "{tmp_path / "s"}"\n'
+                    'mqtt_protocol = "3.1.1"\nreport_resend_s = 12.5\n')
+    from_file = load_config(conf, env={})
+    assert (from_file.mqtt_protocol, from_file.report_resend_s) == ("3.1.1", 12.5)
+    from_env = load_config(conf, env={"EDGEGUIDE_MQTT_PROTOCOL": "5", "EDGEGUIDE_REPORT_RESEND_S": "4"})
+    assert (from_env.mqtt_protocol, from_env.report_resend_s) == ("5", 4.0)
+    assert load_config(conf, {"mqtt_protocol": "auto"}, env={"EDGEGUIDE_MQTT_PROTOCOL": "5"}).mqtt_protocol == "auto"
+    assert (AgentConfig().mqtt_protocol, AgentConfig().report_resend_s) == ("auto", 30.0)
+    with pytest.raises(ConfigError) as info:
+        load_config(conf, {"mqtt_protocol": "3", "report_resend_s": 0}, env={})
+    assert "mqtt_protocol: must be one of ('auto', '5', '3.1.1'), got '3'" in str(info.value)
+    assert "report_resend_s: must be > 0 seconds, got 0.0" in str(info.value)
+
+
+def test_check_config_shows_mqtt_protocol_and_report_resend(tmp_path: Path) -> None:
+    _, pub = new_keypair(tmp_path)
+    base = ("--check-config", "--device-id", "pi-9", "--state-dir", str(tmp_path / "s"), "--server-key", str(pub))
+    done = _cli(*base, "--mqtt-protocol", "3.1.1", "--report-resend-s", "7.5")
+    assert done.returncode == 0, done.stderr
+    config = json.loads(done.stdout)["config"]
+    assert (config["mqtt_protocol"], config["report_resend_s"]) == ("3.1.1", 7.5)
+    from_env = _cli(*base, env={"EDGEGUIDE_MQTT_PROTOCOL": "5", "EDGEGUIDE_REPORT_RESEND_S": "2"})
+    assert json.loads(from_env.stdout)["config"]["mqtt_protocol"] == "5"
+    assert json.loads(from_env.stdout)["config"]["report_resend_s"] == 2.0
+    bad = _cli(*base, env={"EDGEGUIDE_MQTT_PROTOCOL": "4", "EDGEGUIDE_REPORT_RESEND_S": "-1"})
+    assert bad.returncode == 2
+    assert "mqtt_protocol: must be one of" in bad.stderr and "got '4'" in bad.stderr
+    assert "report_resend_s: must be > 0 seconds, got -1.0" in bad.stderr
+    assert _cli(*base, "--mqtt-protocol", "4").returncode == 2  # argparse refuses it too
+    help_text = _cli("--help").stdout
+    assert "--mqtt-protocol" in help_text and "--report-resend-s" in help_text and "amqtt" in help_text
+
+
+def test_example_config_names_only_real_keys() -> None:
+    import tomllib
+    from dataclasses import fields
+
+    example = tomllib.loads((REPO / "deploy" / "agent.example.toml").read_text())
+    known = {f.name for f in fields(AgentConfig)} - {"extra"}
+    assert set(example) <= known, set(example) - known
+    assert example["mqtt_protocol"] == "auto" and example["report_resend_s"] == 30.0

@@ -9,7 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -149,6 +151,7 @@ def test_staging_resume_reverifies_what_the_bitmap_claims(tmp_path: Path) -> Non
     assert receiver.accept(chunking.decode_chunk(chunking.encode_chunk(manifest.deployment_id, 2, 6, pieces[2]))) \
         is False  # duplicate
     assert receiver.missing() == [1, 3]
+    receiver.flush()  # chunks are durable (and claimed by the bitmap) only once flushed
     data = store.staging(manifest.deployment_id) / "data.bin"
     assert data.stat().st_size == len(blob)  # preallocated
     with open(data, "r+b") as fh:  # a torn write on chunk 5 that the bitmap already counts
@@ -160,6 +163,57 @@ def test_staging_resume_reverifies_what_the_bitmap_claims(tmp_path: Path) -> Non
     assert again.missing() == [1, 3, 5]
     for i in (1, 3, 5):
         resumed.accept(chunking.decode_chunk(chunking.encode_chunk(manifest.deployment_id, i, 6, pieces[i])))
+    assert resumed.complete and resumed.assemble() == blob
+
+
+def test_chunks_are_flushed_in_batches_and_on_completion(tmp_path: Path) -> None:
+    blob = os.urandom(7 * 1000 + 1)
+    manifest = _manifest(blob)
+    staging = Staging.create(tmp_path / manifest.deployment_id, manifest, flush_every=3, flush_interval_s=3600)
+    bitmap = tmp_path / manifest.deployment_id / Staging.BITMAP
+    pieces = chunking.split(blob, 1000)
+    for i in range(7):
+        staging.write_chunk(i, pieces[i])
+    assert staging.flushes == 2 and staging.unflushed == 1  # after chunks 3 and 6, not per chunk
+    assert json.loads(bitmap.read_text())["have"] == "11111100"
+    staging.write_chunk(7, pieces[7])  # the last chunk flushes whatever is pending
+    assert staging.complete and staging.unflushed == 0 and staging.flushes == 3
+    assert json.loads(bitmap.read_text())["have"] == "1" * 8
+    staging.flush()  # nothing pending: no extra fsyncs
+    assert staging.flushes == 3 and staging.read_blob() == blob
+    with pytest.raises(ValueError, match="flush_every must be >= 1"):
+        Staging(tmp_path, manifest, [False] * 8, flush_every=0)
+
+
+_KILL_BETWEEN_FLUSHES = """
+import os, signal, sys
+from pathlib import Path
+from agent.store import Staging
+from protocol.messages import Manifest
+path = Path(sys.argv[1])
+staging = Staging.open(path, flush_every=4, flush_interval_s=3600)
+blob = Path(sys.argv[2]).read_bytes()
+for i in range(10):  # flushes after chunks 3 and 7; chunks 8 and 9 are written but not yet flushed
+    staging.write_chunk(i, blob[i * 1000:(i + 1) * 1000])
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_kill_9_between_flushes_loses_only_the_unflushed_chunks(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path / "state")
+    blob = os.urandom(12 * 1000)
+    manifest = _manifest(blob)
+    Receiver.start(store, manifest)
+    (tmp_path / "blob.bin").write_bytes(blob)
+    proc = subprocess.run([sys.executable, "-c", _KILL_BETWEEN_FLUSHES, str(store.staging(manifest.deployment_id)),
+                           str(tmp_path / "blob.bin")], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    resumed = Receiver.resume(store, manifest.deployment_id)
+    assert resumed.missing() == [8, 9, 10, 11]  # the unflushed chunks are simply asked for again
+    pieces = chunking.split(blob, 1000)
+    for i in resumed.missing():
+        resumed.accept(chunking.decode_chunk(chunking.encode_chunk(manifest.deployment_id, i, 12, pieces[i])))
     assert resumed.complete and resumed.assemble() == blob
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -103,6 +104,11 @@ def test_pass_is_promoted_and_the_device_serves_it(loop: Loop, tiny_artifact_int
     answer = agent.recommend(loop.history(), k=5)
     assert len(answer["items"]) == 5 and all(item["stock_code"] for item in answer["items"])
     folder = loop.registry.reports_dir / final.deployment_id
+    deadline = time.monotonic() + 20  # the final report files are written just after the status changes
+    while time.monotonic() < deadline:
+        if json.loads((folder / "report.json").read_text())["deployment"]["status"] == "promoted":
+            break
+        time.sleep(0.1)
     assert json.loads((folder / "report.json").read_text())["deployment"]["status"] == "promoted"
     assert (folder / "latency.png").read_bytes().startswith(b"\x89PNG")
     assert "| p90_ms |" in (folder / "report.md").read_text()

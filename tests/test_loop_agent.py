@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -327,3 +329,78 @@ def test_restart_after_promotion_but_before_cleanup_keeps_the_promotion(rig: Rig
     assert not store.staging(manifest.deployment_id).exists()
     assert manifest.deployment_id in store.finished()
     assert not [e for e in rig.server.events(manifest.deployment_id) if e["type"] == "need_chunks"]
+
+
+def _reports(rig: Rig, deployment_id: str, start: int = 0) -> int:
+    with rig.server._cond:
+        return sum(1 for m in rig.server.received[start:] if m.kind == "report"
+                   and m.json["deployment_id"] == deployment_id)
+
+
+def _start_with_resend(rig: Rig, resend_s: float) -> Agent:
+    rig.config.validate()
+    rig.agent = Agent(rig.config, measure_config=MeasureConfig(**TINY_MEASURE), power_source=None,
+                      report_resend_s=resend_s)
+    rig.agent.start()
+    rig.server.wait_for("state", lambda s: s["status"] == "online")
+    return rig.agent
+
+
+def test_unanswered_report_is_sent_again_until_the_verdict_comes(rig: Rig, blobs: dict[str, bytes]) -> None:
+    """A report the broker dropped (no subscriber yet after a restart) must not strand the deployment."""
+    agent = _start_with_resend(rig, 0.3)
+    manifest = rig.server.deploy(blobs["float"], version=1)
+    first = rig.server.wait_for("report", lambda r: r["deployment_id"] == manifest.deployment_id)
+    _wait_until(lambda: _reports(rig, manifest.deployment_id) >= 3, 10, "two re-sent reports")
+    assert first["load_ok"] is True
+    rig.server.send_verdict(manifest, "PASS")
+    rig.server.wait_event("promoted", manifest.deployment_id)
+    assert agent.active_model is not None and agent.active_model.version == 1
+    after = _reports(rig, manifest.deployment_id)
+    time.sleep(1.0)
+    assert _reports(rig, manifest.deployment_id) == after  # answered: no more re-sends
+
+
+def test_report_is_sent_again_after_a_reconnect(rig: Rig, blobs: dict[str, bytes]) -> None:
+    agent = _start_with_resend(rig, 3600.0)
+    manifest = rig.server.deploy(blobs["float"], version=1)
+    rig.server.wait_for("report", lambda r: r["deployment_id"] == manifest.deployment_id)
+    _wait_until(lambda: not agent.outbox.pending(), 10, "the report acknowledged by the broker")
+    mark = rig.server.mark()
+    agent.link._client.socket().shutdown(socket.SHUT_RDWR)  # the connection dies under the agent
+    again = rig.server.wait_for("report", lambda r: r["deployment_id"] == manifest.deployment_id, start=mark,
+                                timeout=20)
+    assert again["version"] == 1 and again["load_ok"] is True
+    rig.server.send_verdict(manifest, "PASS")
+    rig.server.wait_event("promoted", manifest.deployment_id)
+
+
+def test_candidate_whose_golden_set_breaks_evaluation_is_reported_and_incumbent_keeps_serving(
+        rig: Rig, blobs: dict[str, bytes], artifacts: dict[str, Path]) -> None:
+    """An exception while evaluating used to leave no report: the server waited for its deadline."""
+    broken = rig.tmp / "broken-golden"
+    shutil.copytree(artifacts["float"], broken)
+    golden = json.loads((broken / artifact.GOLDEN_FILE).read_text())
+    golden["histories"][0][-1] = 2 ** 40  # an item id no int32 tensor can hold
+    (broken / artifact.GOLDEN_FILE).write_text(json.dumps(golden))
+    rig.preinstall(blobs["float"], version=1)
+    agent = rig.start()
+    manifest = rig.server.deploy(artifact.pack_artifact(broken), version=2)
+    report = rig.server.wait_for("report", lambda r: r["deployment_id"] == manifest.deployment_id)
+    assert report["load_ok"] is False and report["error_kind"] == "load_error"
+    assert "golden.json unusable: OverflowError" in report["error"]
+    rig.server.wait_event("load_failed", manifest.deployment_id)
+    rig.server.wait_event("rolled_back", manifest.deployment_id)
+    assert agent.deployment is None and manifest.deployment_id in ModelStore(rig.state_dir).finished()
+    store = ModelStore(rig.state_dir)
+    assert store.active().current.version == 1 and store.slot_contents(store.inactive_slot()) is None
+    assert _http_recommend(agent.http_port, [])["model"]["version"] == 1  # the incumbent never stopped
+
+
+def test_configured_mqtt_protocol_and_report_resend_reach_the_running_agent(rig: Rig,
+                                                                          blobs: dict[str, bytes]) -> None:
+    agent = rig.start(mqtt_protocol="3.1.1", report_resend_s=0.3)
+    assert agent.link.connected and agent.link.is_v5 is False  # mosquitto speaks 5: only the config chose 3.1.1
+    manifest = rig.server.deploy(blobs["float"], version=1)
+    rig.server.wait_for("report", lambda r: r["deployment_id"] == manifest.deployment_id)
+    _wait_until(lambda: _reports(rig, manifest.deployment_id) >= 3, 10, "reports re-sent every 0.3 s")

@@ -12,7 +12,7 @@ import pytest
 
 from protocol import signing
 from protocol.artifact import ARTIFACT_FILES, pack_artifact
-from server.db import POSTGRES, SQLITE, open_database
+from server.db import POSTGRES, SQLITE, DatabaseConnectError, open_database
 from server.keys import export_public_key, key_paths, server_key
 from server.registry import Registry, RegistryError
 
@@ -157,5 +157,6 @@ def test_sql_dialects_adapt_placeholders_in_one_place(tmp_path: Path) -> None:
         raise RuntimeError("boom")
     db.execute("INSERT INTO t (v) VALUES (?)", ("kept",))
     assert db.query("SELECT v FROM t") == [{"v": "kept"}]
-    with pytest.raises(NotImplementedError, match="PostgreSQL"):
-        open_database("postgresql://localhost/edgeguide")
+    # A URL selects PostgreSQL (tests/test_registry_postgres.py runs a real one); nothing listens on port 1.
+    with pytest.raises(DatabaseConnectError, match=r"PostgreSQL registry postgresql://u:\*\*\*@127.0.0.1:1/x"):
+        open_database("postgresql://u:secret@127.0.0.1:1/x")

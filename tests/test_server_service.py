@@ -12,12 +12,14 @@ from pathlib import Path
 import pytest
 
 from protocol import chunking, signing
-from protocol.messages import Command, DeviceState, Event, Heartbeat, Manifest
+from protocol.messages import Command, DeviceState, Event, Heartbeat, Manifest, Report, Verdict
 from protocol.mqtt import MqttLink
 from protocol.topics import Topics
-from server.deployer import DeployerConfig, runtime_incompatibility
+from server import keys
+from server.deployer import Deployer, DeployerConfig, runtime_incompatibility
 from server.embedded_broker import EmbeddedBroker
 from server.keys import key_paths
+from server.policy import parse_policy
 from server.registry import Registry
 from server.service import EdgeGuideServer, ServerConfig
 
@@ -177,3 +179,28 @@ def test_manifest_too_big_for_the_device_is_rejected_with_the_fix(server: EdgeGu
     final = server.wait(dep.deployment_id, timeout=10)
     assert final.status == "rejected"
     assert "exceeds the device limits" in final.reason and "larger chunk size than 16" in final.reason
+
+
+def test_a_repeated_report_is_gated_once_and_answered_with_the_same_verdict(tmp_path: Path,
+                                                                             tiny_artifact: Path) -> None:
+    """Agents re-send an unanswered report (a broker restart can drop it): one gate run, one verdict."""
+    registry = Registry(tmp_path)
+    sent: list[tuple[str, bytes]] = []
+    policy = parse_policy('name = "t"\n[limits.agreement_at_k]\nmin = 0.9\nrequired = true\n', "t")
+    deployer = Deployer(registry, keys.server_key(tmp_path), lambda t, p: sent.append((t, p)),
+                        topics=Topics("t"), policy=policy)
+    record = registry.register(tiny_artifact)
+    dep = deployer.create(record.model_id, "pi-11", force=True)
+    assert deployer.start(dep.deployment_id)
+    report = Report(device_id="pi-11", deployment_id=dep.deployment_id, model_id=record.model_id,
+                    version=record.version, load_ok=True, mode="quick", quality={"agreement_at_k": 1.0})
+    for _ in range(3):
+        deployer.handle_report(report)
+    verdicts = [p for t, p in sent if t.endswith("/verdict")]
+    decoded = [Verdict.from_json(v) for v in verdicts]
+    assert len(decoded) == 3 and all(v == decoded[0] for v in decoded)  # the same signed verdict each time
+    for v in decoded:
+        v.verify(signing.load_public_key(key_paths(tmp_path)[1]))
+    assert decoded[0].verdict == "PASS"
+    assert registry.deployment(dep.deployment_id).status == "passed"
+    assert [e["kind"] for e in registry.events(deployment_id=dep.deployment_id)].count("status:passed") == 1
