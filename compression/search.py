@@ -168,6 +168,9 @@ def default_variants(profile: str = "full") -> list[Variant]:
         Variant("distill-soft+prune-gradient+qat", (soft, GradientPruning(keep=slim, epochs=tune), qat)),
         Variant("distill-feature+prune-activation+qat",
                 (feature, ActivationPruning(keep=slim, epochs=tune), qat)),
+        Variant("distill-feature+prune-gradient+qat",
+                (feature, GradientPruning(keep=slim, epochs=tune), qat)),
+        Variant("distill-feature+prune-activation-half+qat", (feature, ActivationPruning(epochs=tune), qat)),
         Variant("distill-feature+prune-gradient+svd+int8", (
             feature, GradientPruning(keep={"hidden": 0.5}, epochs=tune),
             TruncatedSVD(rules=low_rank, epochs=tune), int8)),

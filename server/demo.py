@@ -220,7 +220,8 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> int:
         stack.append(server)
         server.start()
         agent = LocalAgent(DEMO_DEVICE, broker_url, workdir / "agent-state", key_file, topic_prefix="edgeguide-demo",
-                           measure_mode=options.measure_mode, log_path=workdir / "agent.log")
+                           measure_mode=options.measure_mode, log_path=workdir / "agent.log",
+                           mqtt_protocol=protocol)
         stack.append(agent)
         with console.status("starting the device agent (a separate process, no TensorFlow) ..."):
             agent.start()

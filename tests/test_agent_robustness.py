@@ -124,7 +124,8 @@ def test_a_file_that_does_not_match_the_manifest_is_a_verify_error(tmp_path: Pat
                                                                    tiny_artifacts: dict[str, Path]) -> None:
     store = ModelStore(tmp_path / "state")
     dep = _downloaded(store, artifact.pack_artifact(tiny_artifacts["float"]), version=1)
-    (dep.receiver.staging.path / dep.receiver.staging.DATA).write_bytes(b"\0" * dep.manifest.total_size)  # rot on the device's disk
+    staged = dep.receiver.staging.path / dep.receiver.staging.DATA
+    staged.write_bytes(b"\0" * dep.manifest.total_size)  # rot on the device's disk after the chunks checked out
     result = evaluate_candidate(dep, store, SETTINGS, measure=measure_model)
     assert result.report.error_kind == "verify_error" and result.failed_event == "verify_failed"
     assert "manifest says" in result.report.error
