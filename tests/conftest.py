@@ -50,3 +50,27 @@ def tiny_artifact_int8(tiny_artifacts: dict[str, Path]) -> Path:
 def topic_prefix() -> str:
     """A topic prefix unique to one test, so tests sharing the broker never see each other."""
     return f"eg-test-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(scope="session")
+def tiny_reference_weights() -> tuple[list, object]:
+    """Weights of a tiny reference (dim 16) fine-tuned once per session on 150 customers, and that dataset."""
+    from compression.data import DERIVED_DIR, load_dataset
+    from compression.model import build_reference
+    from compression.techniques.common import fine_tune
+
+    dataset = load_dataset(str(DERIVED_DIR), max_customers=150)  # the derived copy loads in ~0.3 s
+    model = build_reference(dataset.num_items, window=20, dim=16, hidden=32)
+    fine_tune(model, dataset, epochs=1.0)
+    return model.get_weights(), dataset
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_reference_weights: tuple[list, object]) -> tuple[object, object]:
+    """A fresh copy of the tiny reference per test module: techniques may change the model they get."""
+    from compression.model import build_reference
+
+    weights, dataset = tiny_reference_weights
+    model = build_reference(dataset.num_items, window=20, dim=16, hidden=32)
+    model.set_weights(weights)
+    return model, dataset

@@ -5,12 +5,9 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 from ai_edge_litert.interpreter import Interpreter
 
-from compression.data import DERIVED_DIR, load_dataset
 from compression.export import export_artifact
-from compression.model import build_reference
 from compression.techniques import (
     ActivationPruning,
     CPDecomposition,
@@ -18,15 +15,6 @@ from compression.techniques import (
     Recipe,
     TruncatedSVD,
 )
-from compression.techniques.common import fine_tune
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    dataset = load_dataset(str(DERIVED_DIR), max_customers=150)  # the derived copy loads in ~0.3 s
-    model = build_reference(dataset.num_items, window=20, dim=16, hidden=32)
-    fine_tune(model, dataset, epochs=1.0)
-    return model, dataset
 
 
 def _recommend(path, histories):

@@ -5,20 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from compression.data import DERIVED_DIR, load_dataset
-from compression.model import build_reference
 from compression.techniques import CPDecomposition, CPEmbedding, TechniqueError, TruncatedSVD
-from compression.techniques.common import fine_tune
 from compression.techniques.cp import cp_factors, tensor_shape
 from compression.techniques.svd import factorize, rank_for_energy, rank_for_size, truncated_svd
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    dataset = load_dataset(str(DERIVED_DIR), max_customers=150)  # the derived copy loads in ~0.3 s
-    model = build_reference(dataset.num_items, window=20, dim=16, hidden=32)
-    fine_tune(model, dataset, epochs=1.0)
-    return model, dataset
 
 
 def test_rank_rules():

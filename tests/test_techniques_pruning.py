@@ -5,22 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from compression.data import DERIVED_DIR, load_dataset
-from compression.model import build_reference
 from compression.techniques import ActivationPruning, GradientPruning, MagnitudePruning, TechniqueError
-from compression.techniques.common import fine_tune
 from compression.techniques.prune_activation import activation_statistics
 from compression.techniques.prune_gradient import taylor_scores
 from compression.techniques.prune_magnitude import sparsity
 from compression.techniques.surgery import keep_indices, remove_units, unit_groups
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    dataset = load_dataset(str(DERIVED_DIR), max_customers=150)  # the derived copy loads in ~0.3 s
-    model = build_reference(dataset.num_items, window=20, dim=16, hidden=32)
-    fine_tune(model, dataset, epochs=1.0)
-    return model, dataset
 
 
 def test_tfmot_magnitude_pruning_reaches_target_sparsity(tiny):

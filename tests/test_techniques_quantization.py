@@ -8,8 +8,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from compression.data import DERIVED_DIR, load_dataset
-from compression.model import build_reference
 from compression.techniques import (
     LinearQuantization,
     LogQuantization,
@@ -18,17 +16,8 @@ from compression.techniques import (
     WeightClustering,
 )
 from compression.techniques.cluster import distinct_values
-from compression.techniques.common import fine_tune
 from compression.techniques.quant_linear import linear_dequantize, linear_quantize
 from compression.techniques.quant_log import log2_quantize
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    dataset = load_dataset(str(DERIVED_DIR), max_customers=150)  # the derived copy loads in ~0.3 s
-    model = build_reference(dataset.num_items, window=20, dim=16, hidden=32)
-    fine_tune(model, dataset, epochs=1.0)
-    return model, dataset
 
 
 def _half_step_bound(x: np.ndarray, q) -> np.ndarray:
