@@ -21,7 +21,7 @@ _LOGGER = logging.getLogger(__name__)
 Handler = Callable[[argparse.Namespace], int]
 Configure = Callable[[argparse.ArgumentParser], Handler]
 
-PLUGINS = {"compression.search": "register_search_subcommand"}
+PLUGINS = {"compression.search_cli": "register_search_subcommand"}
 MODEL_FILE = "reference.keras"
 RUN_FILE = "training.json"
 _REGISTRY: dict[str, tuple[str, Configure]] = {}

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from compression.data import Dataset
 from compression.export import export_artifact
 from compression.report import markdown_table, pareto_front, pareto_plot
+from compression.search_cli import register_search_subcommand  # noqa: F401 - the CLI half, re-exported
 from compression.techniques import (
     ActivationPruning,
     CPDecomposition,
@@ -441,32 +442,6 @@ def obtain_reference(dataset: Dataset, out_dir: Path, *, reference_path: str | N
     meta = {"config": config.to_dict(), "history": history}
     _write_json_atomic(meta_path, meta)
     return model, meta
-
-
-def register_search_subcommand(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``search`` to the ``edgeguide-compress`` CLI; the parser's ``func`` runs it."""
-    parser = subparsers.add_parser(
-        "search", help="accuracy-aware compression search (Pareto report, resumable)",
-        description="Try every technique and recipe on the reference, keep the Pareto frontier and "
-                    "export the smallest model with NDCG@10 >= floor x reference.")
-    parser.add_argument("--floor", type=float, default=0.99,
-                        help="NDCG@10 floor as a fraction of the reference's")
-    parser.add_argument("--out", default="reports/search", help="output folder (re-running resumes it)")
-    parser.add_argument("--profile", choices=PROFILES, default="full",
-                        help="training lengths of the variants")
-    parser.add_argument("--reference", default=None,
-                        help="saved Keras reference (.keras/.h5 or .weights.h5); default: train one")
-    parser.add_argument("--train-preset", choices=("quick", "full"), default="full",
-                        help="TrainConfig preset when the reference must be trained")
-    parser.add_argument("--max-customers", type=int, default=None, help="use the first N customers only")
-    parser.add_argument("--data", default=None, help="data source folder (default: compression.data's)")
-    parser.add_argument("--variants", default=None,
-                        help="comma-separated variant names to run (default: all)")
-    parser.add_argument("--no-compat", action="store_true", help="skip the runtime loadability checks")
-    parser.add_argument("--fresh", action="store_true", help="discard the state of an earlier run in --out")
-    parser.add_argument("--list", action="store_true", help="list the variant names and exit")
-    parser.set_defaults(func=search_command)
-    return parser
 
 
 def select_variants(all_variants: Sequence[Variant], wanted: str | None) -> list[Variant]:

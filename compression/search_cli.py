@@ -1,0 +1,40 @@
+"""The `edgeguide-compress search` argument parser, kept free of TensorFlow imports.
+
+Building the CLI (and `--help`) stays instant; TensorFlow is imported only when a search runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _run_search(args: argparse.Namespace) -> int:
+    from compression.search import search_command
+
+    return search_command(args)
+
+
+def register_search_subcommand(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``search`` to the ``edgeguide-compress`` CLI; the parser's ``func`` runs it."""
+    parser = subparsers.add_parser(
+        "search", help="accuracy-aware compression search (Pareto report, resumable)",
+        description="Try every technique and recipe on the reference, keep the Pareto frontier and "
+                    "export the smallest model with NDCG@10 >= floor x reference.")
+    parser.add_argument("--floor", type=float, default=0.99,
+                        help="NDCG@10 floor as a fraction of the reference's")
+    parser.add_argument("--out", default="reports/search", help="output folder (re-running resumes it)")
+    parser.add_argument("--profile", choices=("quick", "full"), default="full",
+                        help="training lengths of the variants")
+    parser.add_argument("--reference", default=None,
+                        help="saved Keras reference (.keras/.h5 or .weights.h5); default: train one")
+    parser.add_argument("--train-preset", choices=("quick", "full"), default="full",
+                        help="TrainConfig preset when the reference must be trained")
+    parser.add_argument("--max-customers", type=int, default=None, help="use the first N customers only")
+    parser.add_argument("--data", default=None, help="data source folder (default: compression.data's)")
+    parser.add_argument("--variants", default=None,
+                        help="comma-separated variant names to run (default: all)")
+    parser.add_argument("--no-compat", action="store_true", help="skip the runtime loadability checks")
+    parser.add_argument("--fresh", action="store_true", help="discard the state of an earlier run in --out")
+    parser.add_argument("--list", action="store_true", help="list the variant names and exit")
+    parser.set_defaults(func=_run_search)
+    return parser
