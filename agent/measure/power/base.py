@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import re
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 _LOGGER = logging.getLogger(__name__)
@@ -17,6 +19,28 @@ class PowerUnavailable(Exception):
         self.source = source
         self.reason = reason
         super().__init__(f"{source}: {reason}")
+
+
+def numbered_sysfs_entries(base: Path, pattern: re.Pattern[str]) -> list[tuple[Path, str]]:
+    """``(dir, content of its name file)`` for each entry of ``base`` whose name matches ``pattern``.
+
+    ``pattern``'s first group is the entry's number; results come in numeric order (hwmon10 after
+    hwmon2). Entries whose ``name`` file cannot be read are skipped: sysfs readers must not fail
+    on a driver that is half there.
+    """
+    if not base.is_dir():
+        return []
+    found: list[tuple[int, Path, str]] = []
+    for entry in base.iterdir():
+        match = pattern.match(entry.name)
+        if match is None:
+            continue
+        try:
+            name = (entry / "name").read_text().strip()
+        except OSError:
+            continue
+        found.append((int(match[1]), entry, name))
+    return [(path, name) for _, path, name in sorted(found)]
 
 
 @runtime_checkable

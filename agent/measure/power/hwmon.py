@@ -6,7 +6,7 @@ import logging
 import re
 from pathlib import Path
 
-from agent.measure.power.base import PowerUnavailable
+from agent.measure.power.base import PowerUnavailable, numbered_sysfs_entries
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -17,21 +17,8 @@ _HWMON = re.compile(r"^hwmon(\d+)$")
 
 def find_ina_hwmon(root: str | Path = "/") -> list[tuple[Path, str]]:
     """``(hwmon dir, chip name)`` of every INA sensor under ROOT/sys/class/hwmon, in hwmonN order."""
-    base = Path(root) / "sys" / "class" / "hwmon"
-    if not base.is_dir():
-        return []
-    found: list[tuple[int, Path, str]] = []
-    for entry in base.iterdir():
-        match = _HWMON.match(entry.name)
-        if match is None:
-            continue
-        try:
-            name = (entry / "name").read_text().strip()
-        except OSError:
-            continue
-        if name in INA_NAMES:
-            found.append((int(match[1]), entry, name))
-    return [(path, name) for _, path, name in sorted(found)]
+    entries = numbered_sysfs_entries(Path(root) / "sys" / "class" / "hwmon", _HWMON)
+    return [(path, name) for path, name in entries if name in INA_NAMES]
 
 
 def _read_int(path: Path) -> int:

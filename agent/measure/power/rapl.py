@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from agent.measure.power.base import PowerUnavailable
+from agent.measure.power.base import PowerUnavailable, numbered_sysfs_entries
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -29,21 +29,8 @@ def energy_delta_uj(previous: int, current: int, max_range_uj: int) -> int:
 
 def find_rapl_packages(root: str | Path = "/") -> list[Path]:
     """Top-level ``intel-rapl:N`` package domains (sub-domains and psys would double count)."""
-    base = Path(root) / "sys" / "class" / "powercap"
-    if not base.is_dir():
-        return []
-    found = []
-    for entry in base.iterdir():
-        match = _TOP_DOMAIN.match(entry.name)
-        if match is None:
-            continue
-        try:
-            name = (entry / "name").read_text().strip()
-        except OSError:
-            continue
-        if name.startswith("package"):
-            found.append((int(match[1]), entry))
-    return [path for _, path in sorted(found)]
+    entries = numbered_sysfs_entries(Path(root) / "sys" / "class" / "powercap", _TOP_DOMAIN)
+    return [path for path, name in entries if name.startswith("package")]
 
 
 class RaplPower:
