@@ -16,7 +16,7 @@ import tf_keras as keras
 from compression.data import Dataset
 from compression.techniques.base import StepResult, TechniqueError
 from compression.techniques.common import calibration_histories, model_window
-from compression.techniques.surgery import DEFAULT_KEEP, structured_prune, unit_groups
+from compression.techniques.surgery import DEFAULT_KEEP, removable_keep, structured_prune
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -69,10 +69,7 @@ class ActivationPruning:
 
     def apply(self, model: keras.Model, dataset: Dataset) -> StepResult:
         """Score units on real training histories, remove the weakest, fine-tune."""
-        groups = unit_groups(model)
-        keep = {name: fraction for name, fraction in self.keep.items() if name in groups}
-        if not keep:
-            raise TechniqueError(f"none of {list(self.keep)} has removable units; removable: {groups}")
+        keep = removable_keep(model, self.keep)
         histories = calibration_histories(dataset, model_window(model), self.calibration)
         scores = activation_scores(model, histories, list(keep), self.criterion)
         return structured_prune(model, dataset, scores, keep, epochs=self.epochs, technique=self.name,

@@ -18,7 +18,7 @@ import tf_keras as keras
 from compression.data import Dataset
 from compression.techniques.base import StepResult, TechniqueError
 from compression.techniques.common import model_window, training_arrays
-from compression.techniques.surgery import DEFAULT_KEEP, structured_prune, unit_groups
+from compression.techniques.surgery import DEFAULT_KEEP, removable_keep, structured_prune
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -61,10 +61,7 @@ class GradientPruning:
 
     def apply(self, model: keras.Model, dataset: Dataset) -> StepResult:
         """Score units on real (history, next item) pairs, remove the weakest, fine-tune."""
-        groups = unit_groups(model)
-        keep = {name: fraction for name, fraction in self.keep.items() if name in groups}
-        if not keep:
-            raise TechniqueError(f"none of {list(self.keep)} has removable units; removable: {groups}")
+        keep = removable_keep(model, self.keep)
         x, y = training_arrays(dataset, model_window(model), max_pairs=self.calibration, seed=1)
         scores = taylor_scores(model, x, y, list(keep))
         return structured_prune(model, dataset, scores, keep, epochs=self.epochs, technique=self.name,

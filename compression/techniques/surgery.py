@@ -49,6 +49,15 @@ def unit_groups(model: keras.Model) -> dict[str, int]:
     return groups
 
 
+def removable_keep(model: keras.Model, keep: Mapping[str, float]) -> dict[str, float]:
+    """The entries of ``keep`` naming layers whose units can be removed; an error if there are none."""
+    groups = unit_groups(model)
+    removable = {name: fraction for name, fraction in keep.items() if name in groups}
+    if not removable:
+        raise TechniqueError(f"none of {list(keep)} has removable units; removable: {groups}")
+    return removable
+
+
 def _consumer_index(layers: list[keras.layers.Layer], producer: int) -> int | None:
     for j in range(producer + 1, len(layers)):
         if type(layers[j]) is keras.layers.Dense:
