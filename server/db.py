@@ -56,7 +56,25 @@ class Database(Protocol):
         """Release the connection."""
 
 
-class SqliteDatabase:
+class _LockedConnection:
+    """execute/query over one DB-API connection, serialised by a lock (connections are not thread safe)."""
+
+    dialect: Dialect
+    _conn: Any
+    _lock: threading.RLock
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        with self._lock:
+            cur = self._conn.execute(self.dialect.adapt(sql), tuple(params))
+            return cur.rowcount
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        with self._lock:
+            cur = self._conn.execute(self.dialect.adapt(sql), tuple(params))
+            return [dict(row) for row in cur.fetchall()]
+
+
+class SqliteDatabase(_LockedConnection):
     """SQLite file in WAL mode, shared by threads, safe alongside a CLI process on the same file."""
 
     dialect = SQLITE
@@ -74,16 +92,6 @@ class SqliteDatabase:
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA foreign_keys=ON")
         _LOGGER.debug("opened sqlite registry %s", self.path)
-
-    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
-        with self._lock:
-            cur = self._conn.execute(self.dialect.adapt(sql), tuple(params))
-            return cur.rowcount
-
-    def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
-        with self._lock:
-            cur = self._conn.execute(self.dialect.adapt(sql), tuple(params))
-            return [dict(row) for row in cur.fetchall()]
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
@@ -119,7 +127,7 @@ class DatabaseConnectError(RuntimeError):
     """The registry database named by a URL cannot be reached; the message names it (password redacted)."""
 
 
-class PostgresDatabase:
+class PostgresDatabase(_LockedConnection):
     """PostgreSQL through psycopg 3 in autocommit mode; `transaction()` groups statements (nested = savepoint)."""
 
     dialect = POSTGRES
@@ -140,16 +148,6 @@ class PostgresDatabase:
                                        f"{str(exc).strip()}") from exc
         self._lock = threading.RLock()
         _LOGGER.debug("opened postgres registry %s", _redact(url))
-
-    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
-        with self._lock:
-            cur = self._conn.execute(self.dialect.adapt(sql), tuple(params))
-            return cur.rowcount
-
-    def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
-        with self._lock:
-            cur = self._conn.execute(self.dialect.adapt(sql), tuple(params))
-            return list(cur.fetchall())
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
