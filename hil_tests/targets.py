@@ -7,22 +7,20 @@ the server (see rig.py), so the same test bodies run against both targets.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
 import resource
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from hil_tests.legacy_env import LegacyEnv
 from hil_tests.profiles import LEGACY_ENV, DeviceProfile
+from server.local_agent import AgentProcessError, read_log_tail, stop_process, wait_until_ready
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -157,17 +155,13 @@ class LocalTarget:
             self.proc = subprocess.Popen(cmd, cwd=str(self.spec.workdir if self.legacy else REPO), env=self._env(),
                                          stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         self.starts += 1
-        deadline = time.monotonic() + timeout
-        while not self.ready_file.exists():
-            if self.proc.poll() is not None:
-                raise TargetError(f"agent {self.device_id} ({self.profile}) exited with code {self.proc.returncode} "
-                                  f"before it was ready; log {self.log_path}:\n{self.log_tail()}")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise TargetError(f"agent {self.device_id} ({self.profile}) not ready after {timeout:.0f} s; "
-                                  f"log {self.log_path}:\n{self.log_tail()}")
-            time.sleep(0.05)
-        self.http_port = int(json.loads(self.ready_file.read_text())["http_port"])
+        try:
+            ready = wait_until_ready(self.proc, self.ready_file, timeout, f"{self.device_id} ({self.profile})",
+                                     self.log_path)
+        except AgentProcessError as exc:
+            self.stop()
+            raise TargetError(str(exc)) from exc
+        self.http_port = int(ready["http_port"])
         self.applied = self._check_limits(self.proc.pid)
         _LOGGER.info("local agent %s (%s) running: pid %d, http %s, limits %s", self.device_id, self.profile,
                      self.proc.pid, self.http_url, self.applied)
@@ -187,18 +181,7 @@ class LocalTarget:
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM (the agent publishes its offline state and exits 0), SIGKILL after `timeout`."""
         proc, self.proc = self.proc, None
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                _LOGGER.warning("agent %s (pid %d) ignored SIGTERM for %.0f s; killing it", self.device_id,
-                                proc.pid, timeout)
-                proc.kill()
-                proc.wait(timeout)
-        return proc.returncode
+        return stop_process(proc, timeout, self.device_id)
 
     def restart(self) -> None:
         code = self.stop()
@@ -250,10 +233,7 @@ class LocalTarget:
                 "legacy_env": self.legacy.versions if self.legacy else None}
 
     def log_tail(self, chars: int = 3000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return "(no agent log)"
+        return read_log_tail(self.log_path, chars)
 
 
 class RemoteTarget:

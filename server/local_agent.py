@@ -26,6 +26,47 @@ class AgentProcessError(RuntimeError):
     """The agent did not start, died, or its HTTP API answered with an error."""
 
 
+def read_log_tail(path: Path, chars: int = 3000) -> str:
+    """The end of an agent's log file, for error messages."""
+    try:
+        return Path(path).read_text(errors="replace")[-chars:]
+    except OSError:
+        return "(no agent log)"
+
+
+def wait_until_ready(proc: subprocess.Popen, ready_file: Path, timeout: float, who: str, log_path: Path) -> dict:
+    """Block until the agent process writes its `--once-ready-file`; return that file's JSON.
+
+    Raises AgentProcessError (with the log tail) if the process exits first or `timeout` passes;
+    the caller stops what is left of the process.
+    """
+    deadline = time.monotonic() + timeout
+    while not ready_file.exists():
+        if proc.poll() is not None:
+            raise AgentProcessError(f"agent {who} exited with code {proc.returncode} before it was ready; "
+                                    f"log {log_path}:\n{read_log_tail(log_path)}")
+        if time.monotonic() > deadline:
+            raise AgentProcessError(f"agent {who} not ready after {timeout:.0f} s; "
+                                    f"log {log_path}:\n{read_log_tail(log_path)}")
+        time.sleep(0.05)
+    return json.loads(ready_file.read_text())
+
+
+def stop_process(proc: subprocess.Popen | None, timeout: float, who: str) -> int | None:
+    """SIGTERM (an agent then publishes its offline state), SIGKILL after `timeout`; returns the exit code."""
+    if proc is None:
+        return None
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            _LOGGER.warning("agent %s (pid %d) ignored SIGTERM for %.0f s; killing it", who, proc.pid, timeout)
+            proc.kill()
+            proc.wait(timeout)
+    return proc.returncode
+
+
 class LocalAgent:
     """One agent child process; `start()` returns once it is connected to the broker and serving.
 
@@ -65,46 +106,26 @@ class LocalAgent:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.command(), cwd=str(REPO), stdout=log, stderr=log,
                                          stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
-        while not self.ready_file.exists():
-            if self.proc.poll() is not None:
-                code = self.proc.returncode
-                self.proc = None
-                raise AgentProcessError(f"agent {self.device_id} exited with code {code} before it was ready; "
-                                        f"log {self.log_path}:\n{self.log_tail()}")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise AgentProcessError(f"agent {self.device_id} not ready after {timeout:.0f} s; "
-                                        f"log {self.log_path}:\n{self.log_tail()}")
-            time.sleep(0.05)
-        self.http_port = int(json.loads(self.ready_file.read_text())["http_port"])
+        try:
+            ready = wait_until_ready(self.proc, self.ready_file, timeout, self.device_id, self.log_path)
+        except AgentProcessError:
+            self.stop()
+            raise
+        self.http_port = int(ready["http_port"])
         _LOGGER.info("agent %s running (pid %d, http port %d)", self.device_id, self.proc.pid, self.http_port)
         return self
 
     def stop(self, timeout: float = 15.0) -> int | None:
         """SIGTERM (the agent publishes its offline state), SIGKILL after `timeout`; returns the exit code."""
         proc, self.proc = self.proc, None
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                _LOGGER.warning("agent %s (pid %d) ignored SIGTERM; killing it", self.device_id, proc.pid)
-                proc.kill()
-                proc.wait(timeout)
-        return proc.returncode
+        return stop_process(proc, timeout, self.device_id)
 
     @property
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
     def log_tail(self, chars: int = 3000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return "(no log)"
+        return read_log_tail(self.log_path, chars)
 
     def _http(self, method: str, path: str, body: dict[str, Any] | None = None, timeout: float = 10.0) -> dict:
         if self.http_port is None:
