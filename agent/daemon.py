@@ -47,7 +47,6 @@ from protocol.mqtt import ConnectError, MqttLink
 
 _LOGGER = logging.getLogger(__name__)
 
-_AUTH_FAILURES = {"Not authorized", "Bad user name or password", "Banned"}
 _STOP = object()
 # While awaiting a verdict the report is published again this often (and on every reconnect):
 # mosquitto 2.0 does not restore `$share` subscriptions after a restart, so a report sent before
@@ -256,7 +255,7 @@ class Agent:
                 return
             except ConnectError as exc:
                 self.last_error = str(exc)
-                if exc.reason in _AUTH_FAILURES:
+                if exc.refused_credentials:
                     _LOGGER.error("broker_refused_credentials broker=%s reason=%s: not retrying",
                                   self.config.broker_url, exc.reason)
                     return

@@ -36,6 +36,11 @@ class ConnectError(ConnectionError):
         self.reason = reason
         super().__init__(f"Not connected to {endpoint}" + (f": {reason}" if reason else ""))
 
+    @property
+    def refused_credentials(self) -> bool:
+        """The broker rejected who we are: retrying with the same credentials cannot help."""
+        return self.reason in _AUTH_FAILURES
+
 
 @dataclass(frozen=True)
 class BrokerAddress:
@@ -124,7 +129,7 @@ class MqttLink:
                 return
             except ConnectError as exc:
                 last = exc.reason
-                if exc.reason in _AUTH_FAILURES:
+                if exc.refused_credentials:
                     raise
                 _LOGGER.info("MQTT %s connect to %s failed (%s)%s", version, self.address, exc.reason,
                              "; trying 3.1.1" if i < len(versions) - 1 else "")

@@ -230,5 +230,7 @@ def test_mqtt_link_unreachable_broker_is_a_clear_error() -> None:
     from server.mosquitto import free_port
 
     link = MqttLink(f"mqtt://127.0.0.1:{free_port()}", "nobody")
-    with pytest.raises(ConnectError, match="Not connected to mqtt://127.0.0.1"):
+    with pytest.raises(ConnectError, match="Not connected to mqtt://127.0.0.1") as caught:
         link.start(timeout=2)
+    assert not caught.value.refused_credentials  # unreachable is transient: worth retrying
+    assert ConnectError("mqtt://x:1883", "Not authorized").refused_credentials
