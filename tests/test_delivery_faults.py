@@ -21,7 +21,6 @@ import os
 import random
 import shutil
 import signal
-import struct
 import subprocess
 import threading
 import time
@@ -112,7 +111,7 @@ class FaultyNetwork:
         if kind != "chunk":
             self._publish(topic, payload)
             return
-        index = struct.unpack_from(">I", payload, 18)[0]
+        index = chunking.decode_chunk(payload).index
         with self._lock:
             self.transmissions[index] += 1
             hit = self.every_time or self.transmissions[index] == 1
