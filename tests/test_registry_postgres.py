@@ -6,7 +6,6 @@ CI installs the `postgresql` Debian package; without it this module FAILS with t
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import tempfile
 import threading
@@ -16,15 +15,10 @@ from pathlib import Path
 import pytest
 
 from server.db import PostgresDatabase, open_database
+from server.mosquitto import free_port
 from server.registry import Registry, RegistryError
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _as_postgres(*cmd: str) -> subprocess.CompletedProcess:
@@ -49,7 +43,7 @@ def postgres_url() -> Iterator[str]:
         shutil.chown(data, "postgres")
     done = _as_postgres(str(PG_BIN / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres")
     assert done.returncode == 0, f"initdb failed:\n{done.stdout}\n{done.stderr}"
-    port = _free_port()
+    port = free_port()
     opts = f"-p {port} -k {data} -c listen_addresses=127.0.0.1"
     done = _as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(data), "-o", opts, "-l", str(data / "server.log"),
                         "-w", "start")
