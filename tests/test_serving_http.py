@@ -20,23 +20,9 @@ from agent.serving.http import ServerHandle, start_http_server
 MAX_BODY = 4096
 
 
-def _build_artifact(root: Path) -> Path:
-    """A tiny float32 artifact trained on a data slice (used until conftest provides one)."""
-    from compression.data import load_dataset
-    from compression.export import export_artifact
-    from compression.train import TrainConfig, train_reference
-
-    dataset = load_dataset(max_customers=200)
-    model, _ = train_reference(dataset, TrainConfig(epochs=1, dim=8, hidden=16, batch_size=256), progress=False)
-    return export_artifact(model, dataset, root / "fp32", model_id="tiny", check_compat=False)
-
-
 @pytest.fixture(scope="session")
-def http_artifact(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    try:
-        return Path(request.getfixturevalue("tiny_artifact"))
-    except pytest.FixtureLookupError:
-        return _build_artifact(tmp_path_factory.mktemp("serving-http-artifact"))
+def http_artifact(tiny_artifact: Path) -> Path:
+    return tiny_artifact
 
 
 @pytest.fixture(scope="module")

@@ -18,26 +18,9 @@ from agent.serving import NoModelError, RecommendService, RequestError
 from protocol import artifact
 
 
-def _build_artifacts(root: Path) -> tuple[Path, Path]:
-    """A tiny float32 and int8 artifact trained on a data slice (used until conftest provides them)."""
-    from compression.data import load_dataset
-    from compression.export import export_artifact
-    from compression.train import TrainConfig, train_reference
-
-    dataset = load_dataset(max_customers=200)
-    model, _ = train_reference(dataset, TrainConfig(epochs=1, dim=8, hidden=16, batch_size=256), progress=False)
-    fp32 = export_artifact(model, dataset, root / "fp32", model_id="tiny", check_compat=False)
-    int8 = export_artifact(model, dataset, root / "int8", model_id="tiny-int8", quantization="int8",
-                           representative_n=32, check_compat=False)
-    return fp32, int8
-
-
 @pytest.fixture(scope="session")
-def serving_artifacts(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    try:
-        return Path(request.getfixturevalue("tiny_artifact")), Path(request.getfixturevalue("tiny_artifact_int8"))
-    except pytest.FixtureLookupError:
-        return _build_artifacts(tmp_path_factory.mktemp("serving-artifacts"))
+def serving_artifacts(tiny_artifact: Path, tiny_artifact_int8: Path) -> tuple[Path, Path]:
+    return tiny_artifact, tiny_artifact_int8
 
 
 @pytest.fixture
