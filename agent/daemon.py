@@ -163,6 +163,8 @@ class Agent:
                 self.deployment.receiver.flush()  # a planned stop keeps every chunk received
             except StoreError as exc:
                 _LOGGER.warning("staging_flush_failed deployment=%s error=%s", self.deployment.deployment_id, exc)
+            finally:
+                self.deployment.receiver.close()
         if self.link.connected:
             try:
                 info = self.link.publish(self.topics.up(self.device_id, "state"), self._state("offline").to_json(),
@@ -633,6 +635,7 @@ class Agent:
             self._event("promoted" if promoted else "rolled_back", deployment_id=dep.deployment_id,
                         version=dep.manifest.version, reason=reason, durable=True)
             self.store.mark_finished(dep.deployment_id)
+            dep.receiver.close()
             self.store.remove_staging(dep.deployment_id)
         except (StoreError, OSError) as exc:
             # A full disk must not leave the deployment stuck in memory; a restart redoes the staging

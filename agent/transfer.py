@@ -135,6 +135,10 @@ class Receiver:
         """Make the chunks received so far durable (before a planned stop)."""
         self.staging.flush()
 
+    def close(self) -> None:
+        """Release the staging file handle (the download is over, or the agent stops)."""
+        self.staging.close()
+
     def accept(self, chunk: chunking.Chunk) -> bool:
         """Store one decoded chunk; False for a harmless duplicate, ChunkRejected if it does not fit."""
         m = self.manifest

@@ -44,7 +44,7 @@ def digests(blob: bytes, chunk_size: int) -> list[str]:
     return [hashlib.sha256(c).hexdigest() for c in split(blob, chunk_size)]
 
 
-def encode_chunk(deployment_id: str, index: int, count: int, data: bytes,
+def encode_chunk(deployment_id: str, index: int, count: int, data: bytes | memoryview,
                  digest: bytes | str | None = None) -> bytes:
     """Frame one chunk for the wire.
 

@@ -18,7 +18,8 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -38,15 +39,33 @@ Publish = Callable[[str, bytes], None]
 ChunkTransform = Callable[[str, int, bytes], bytes]
 
 
-@dataclass(frozen=True)
+@dataclass
 class Prepared:
-    """An artifact read, checked and cut for one chunk size: computed once, shared by its deployments."""
+    """An artifact read and cut for one chunk size: computed once, shared by its deployments.
+
+    `digests` are those recorded at registration (or computed at once when none were recorded
+    for this chunk size); `unchecked` chunks have not been hashed against them yet. Each chunk is
+    checked the first time it is sent, so a transfer starts without a whole-file pass first.
+    """
 
     artifact: ArtifactRecord
     blob: bytes
     chunk_size: int
     pieces: list[memoryview]
     digests: list[str]
+    unchecked: set[int] = field(default_factory=set)
+
+    def checked_piece(self, index: int) -> memoryview:
+        """Chunk `index`, hashed against its recorded digest once; DeployError if the copy is corrupt."""
+        piece = self.pieces[index]
+        if index in self.unchecked:
+            actual = hashlib.sha256(piece).hexdigest()
+            if actual != self.digests[index]:
+                raise DeployError(f"stored artifact {self.artifact.packed_path}: chunk {index} has sha256 "
+                                  f"{actual[:16]}..., registration recorded {self.digests[index][:16]}...: the "
+                                  "registry copy is corrupt; register it again")
+            self.unchecked.discard(index)
+        return piece
 
 
 class DeployError(Exception):
@@ -104,10 +123,13 @@ class Deployer:
         # Fault injection for tests and the HIL rig: rewrites a chunk's data before framing, so the
         # frame is self-consistent but no longer matches the signed manifest.
         self.chunk_transform = chunk_transform
-        # Reading, verifying and digesting a 5 MB artifact costs ~20 ms of CPU (x3 on a loaded host):
-        # done once per (artifact, chunk size), not per deployment or per manifest re-send.
+        # Reading and checking a 5 MB artifact costs ~6 ms of CPU (x3 on a loaded host): done once
+        # per (artifact, chunk size), not per deployment or manifest re-send.
         self._prepared: OrderedDict[tuple[str, int], Prepared] = OrderedDict()
-        self._prepared_lock = threading.Lock()  # create() runs on callers' threads, the rest on the worker
+        self._prepared_lock = threading.Lock()  # tests and tools call prepare() from their own threads
+        # Report files (a matplotlib PNG costs ~0.15-0.3 s) are written in order on their own thread,
+        # so a finished deployment never holds up the messages of the next ones.
+        self._reporter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeguide-reports")
 
     # ---- creation --------------------------------------------------------------------------
     def create(self, model_id: str, device_id: str, *, version: int | None = None, policy: Policy | None = None,
@@ -136,11 +158,6 @@ class Deployer:
         record = self.registry.create_deployment(artifact, device_id, chunk_size=size, policy=policy.to_dict(),
                                                  deadline_s=self.config.deadline_s, forced=force,
                                                  reason="forced" if force and (why or device is None) else "")
-        try:
-            self.prepare(artifact, size)  # off the worker's path: start() finds it ready
-        except (DeployError, OSError) as exc:
-            _LOGGER.warning("cannot prepare %s for %s: %s (start() will reject it)", artifact.id,
-                            record.deployment_id, exc)
         _LOGGER.info("deployment %s created: %s -> %s", record.deployment_id, artifact.id, device_id)
         return record
 
@@ -156,33 +173,40 @@ class Deployer:
         return True
 
     def prepare(self, artifact: ArtifactRecord, chunk_size: int) -> Prepared:
-        """Read the packed artifact once, check it against its registered digest, cut and digest its
-        chunks; cached (two threads racing only compute the same value twice)."""
+        """The packed artifact read and cut into chunks, cached; DeployError if the registry copy is corrupt.
+
+        With chunk digests recorded at registration for this size, each chunk is checked when it
+        is first sent (`Prepared.checked_piece`); otherwise the whole file is checked here.
+        """
         key = (artifact.id, chunk_size)
         with self._prepared_lock:
             prepared = self._prepared.get(key)
         if prepared is not None:
             return prepared
         blob = artifact.packed_path.read_bytes()
+        if len(blob) != artifact.size:
+            raise DeployError(f"stored artifact {artifact.packed_path} has {len(blob)} bytes, registration recorded "
+                              f"{artifact.size}: the registry copy is corrupt; register it again")
         view = memoryview(blob)
-        whole = hashlib.sha256()
-        pieces, digests = [], []
-        for offset in range(0, len(blob), chunk_size):
-            piece = view[offset:offset + chunk_size]
-            whole.update(piece)
-            pieces.append(piece)
-            digests.append(hashlib.sha256(piece).hexdigest())
-        if not pieces:
-            pieces, digests = [view], [hashlib.sha256(b"").hexdigest()]
-        if whole.hexdigest() != artifact.sha256:
-            raise DeployError(f"stored artifact {artifact.packed_path} has sha256 {whole.hexdigest()}, registered "
-                              f"{artifact.sha256}: the registry copy is corrupt; register it again")
-        prepared = Prepared(artifact, blob, chunk_size, pieces, digests)
+        pieces = [view[offset:offset + chunk_size] for offset in range(0, len(blob), chunk_size)] or [view]
+        recorded = self.registry.chunk_digests(artifact, chunk_size)
+        if recorded is not None and len(recorded) == len(pieces):
+            prepared = Prepared(artifact, blob, chunk_size, pieces, recorded, unchecked=set(range(len(pieces))))
+        else:
+            whole = hashlib.sha256(blob).hexdigest()
+            if whole != artifact.sha256:
+                raise DeployError(f"stored artifact {artifact.packed_path} has sha256 {whole}, registration recorded "
+                                  f"{artifact.sha256}: the registry copy is corrupt; register it again")
+            prepared = Prepared(artifact, blob, chunk_size, pieces, [hashlib.sha256(p).hexdigest() for p in pieces])
         with self._prepared_lock:
             self._prepared[key] = prepared
             while len(self._prepared) > 4:
                 self._prepared.popitem(last=False)
         return prepared
+
+    def close(self) -> None:
+        """Write the report files still queued (call once the worker has stopped)."""
+        self._reporter.shutdown(wait=True)
 
     def _prepared_for(self, dep: DeploymentRecord) -> Prepared:
         return self.prepare(self.registry.artifact_by_id(dep.artifact_id), dep.chunk_size)
@@ -190,13 +214,17 @@ class Deployer:
     def manifest(self, dep: DeploymentRecord) -> Manifest:
         """The signed manifest of a deployment: identical bytes every time, so a re-sent manifest
         resumes the device's download instead of restarting it."""
-        prepared = self._prepared_for(dep)
-        artifact = prepared.artifact
+        artifact = self.registry.artifact_by_id(dep.artifact_id)
+        # The digests recorded at registration: the manifest goes out without reading the blob,
+        # whose chunks are checked against these same digests as they are sent.
+        digests = self.registry.chunk_digests(artifact, dep.chunk_size)
+        if digests is None:
+            digests = self.prepare(artifact, dep.chunk_size).digests
         metrics = artifact.metrics
         requirements = {k: metrics[k] for k in ("ops", "runtimes", "window", "k", "num_items") if k in metrics}
         return Manifest(deployment_id=dep.deployment_id, device_id=dep.device_id, model_id=artifact.model_id,
-                        version=artifact.version, total_size=len(prepared.blob), sha256=artifact.sha256,
-                        chunk_size=dep.chunk_size, chunk_sha256=list(prepared.digests),
+                        version=artifact.version, total_size=artifact.size, sha256=artifact.sha256,
+                        chunk_size=dep.chunk_size, chunk_sha256=list(digests),
                         created=_iso(dep.created), requirements=requirements).signed(self.key)
 
     def _send_manifest(self, dep: DeploymentRecord) -> None:
@@ -222,7 +250,11 @@ class Deployer:
         The chunks go out in one loop before the re-send counts are written: paho queues them at
         once (its in-flight window holds a whole model) and the device never waits on our database.
         """
-        prepared = self._prepared_for(dep)
+        try:
+            prepared = self._prepared_for(dep)
+        except (DeployError, OSError) as exc:
+            self._give_up(dep, f"cannot send: {exc}")
+            return
         pieces = prepared.pieces
         wanted = sorted(set(range(len(pieces)) if indices is None else indices))
         bad = [i for i in wanted if not 0 <= i < len(pieces)]
@@ -240,11 +272,15 @@ class Deployer:
             resends[str(i)] = count
         topic = self.topics.down(dep.device_id, "chunk")
         for i in wanted:
-            data = bytes(pieces[i])
-            digest: str | None = prepared.digests[i]  # hashed once in prepare(), not again per frame
+            try:
+                data: bytes | memoryview = prepared.checked_piece(i)  # encode_chunk copies it into the frame
+            except DeployError as exc:
+                self._give_up(dep, f"cannot send: {exc}")
+                return
+            digest: str | None = prepared.digests[i]  # known already, not hashed again per frame
             if self.chunk_transform is not None:
                 # fault injection: the frame carries the digest of what is sent, as a corrupting link would
-                data, digest = self.chunk_transform(dep.deployment_id, i, data), None
+                data, digest = self.chunk_transform(dep.deployment_id, i, bytes(data)), None
             self.publish(topic, chunking.encode_chunk(dep.deployment_id, i, len(pieces), data, digest=digest))
         self.registry.update_deployment(dep.deployment_id, resends=resends)
         _LOGGER.info("sent %d of %d chunks of %s to %s", len(wanted), len(pieces), dep.deployment_id, dep.device_id)
@@ -348,7 +384,14 @@ class Deployer:
         self._write_report(dep.deployment_id, plot=False)
 
     def _write_report(self, deployment_id: str, plot: bool = True) -> None:
-        """Report files for people; the PNG only once, when the deployment ends (see reports.write_report)."""
+        """Queue the report files for people; the PNG only once, when the deployment ends."""
+        try:
+            self._reporter.submit(self._write_report_now, deployment_id, plot)
+        except RuntimeError:  # closed: write it here rather than lose it
+            self._write_report_now(deployment_id, plot)
+
+    def _write_report_now(self, deployment_id: str, plot: bool) -> None:
+        """Files of the deployment as recorded now (see reports.write_report); errors are logged."""
         dep = self.registry.deployment(deployment_id)
         if dep.report is None:
             return
@@ -356,6 +399,8 @@ class Deployer:
             reports.write_report(self.registry.reports_dir, _summary(dep), dep.report, dep.verdict, plot=plot)
         except OSError as exc:  # the verdict stands even if the disk is full
             _LOGGER.error("could not write the report files of %s: %s", dep.deployment_id, exc)
+        except Exception:  # a report bug must not silently stop the writer thread's later reports
+            _LOGGER.exception("report files of %s failed", dep.deployment_id)
 
     def _publish_verdict(self, dep: DeploymentRecord, verdict: Verdict) -> None:
         self.publish(self.topics.down(dep.device_id, "verdict"), verdict.to_json())

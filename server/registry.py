@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from protocol import names
+from protocol import chunking, names
 from protocol.artifact import ARTIFACT_FILES, MODEL_FILE, pack_artifact, read_golden, read_items, read_metrics
 from protocol.errors import ProtocolError
+from protocol.limits import DEFAULT_LIMITS
 from server.db import Database, open_database
 
 _LOGGER = logging.getLogger(__name__)
@@ -105,6 +106,15 @@ class ArtifactRecord:
     def from_row(cls, row: dict[str, Any]) -> ArtifactRecord:
         return cls(row["id"], row["model_id"], int(row["version"]), Path(row["path"]), Path(row["packed_path"]),
                    row["sha256"], int(row["size"]), json.loads(row["metrics"]), float(row["created"]))
+
+    @property
+    def chunk_digests_path(self) -> Path:
+        """Sidecar of the packed blob: its per-chunk SHA-256 at the default chunk size."""
+        return chunk_digests_path(self.packed_path)
+
+
+def chunk_digests_path(packed_path: Path) -> Path:
+    return packed_path.with_name(packed_path.name.removesuffix(".tar.gz") + ".chunks.json")
 
 
 @dataclass(frozen=True)
@@ -219,6 +229,9 @@ class Registry:
             raise RegistryError(f"artifact {folder}: {exc} (set model_id in metrics.json or pass one)") from exc
         packed = pack_artifact(folder)
         digest = hashlib.sha256(packed).hexdigest()
+        # What a manifest needs, hashed once here instead of again when the first deployment starts.
+        chunk_size = DEFAULT_LIMITS.default_chunk_bytes
+        chunk_digests = {"chunk_size": chunk_size, "sha256": chunking.digests(packed, chunk_size)}
         self.artifacts_dir.mkdir(parents=True, exist_ok=True)
         with self.db.transaction():
             row = self.db.query("SELECT COALESCE(MAX(version), 0) AS v FROM artifacts")
@@ -226,6 +239,9 @@ class Registry:
             dest = self.artifacts_dir / model_id / f"v{version}"
             packed_path = self.artifacts_dir / model_id / f"v{version}.tar.gz"
             self._copy_artifact(folder, dest, packed_path, packed)
+            sidecar = chunk_digests_path(packed_path)
+            sidecar.with_name(sidecar.name + ".tmp").write_text(json.dumps(chunk_digests))
+            os.replace(sidecar.with_name(sidecar.name + ".tmp"), sidecar)
             record = ArtifactRecord(f"{model_id}@{version}", model_id, version, dest, packed_path, digest,
                                     len(packed), metrics, time.time())
             self.db.execute(
@@ -252,6 +268,21 @@ class Registry:
         packed_tmp = packed_path.with_name(packed_path.name + ".tmp")
         packed_tmp.write_bytes(packed)
         os.replace(packed_tmp, packed_path)
+
+    @staticmethod
+    def chunk_digests(artifact: ArtifactRecord, chunk_size: int) -> list[str] | None:
+        """Per-chunk SHA-256 recorded at registration for `chunk_size`; None for another size or no record."""
+        try:
+            recorded = json.loads(artifact.chunk_digests_path.read_text())
+        except (OSError, ValueError) as exc:
+            _LOGGER.debug("no chunk digests for %s: %s", artifact.id, exc)
+            return None
+        if not isinstance(recorded, dict) or recorded.get("chunk_size") != chunk_size:
+            return None
+        digests = recorded.get("sha256")
+        if not isinstance(digests, list) or not all(isinstance(d, str) for d in digests):
+            return None
+        return digests
 
     def artifact(self, model_id: str, version: int | None = None) -> ArtifactRecord:
         """The artifact `model_id` at `version`, or its latest version."""

@@ -1,9 +1,9 @@
 """The running server: one MQTT link, one worker thread, the registry and the deployer.
 
-MQTT callbacks only enqueue; a single worker thread decodes, records and acts, so gating,
-packing and report plotting never stall paho's network loop and the registry sees one writer
-per process. Anything malformed is logged with its topic and a payload preview, recorded in the
-event log, and dropped: a device can never crash the server.
+MQTT callbacks only enqueue; a single worker thread decodes, records and acts, so gating never
+stalls paho's network loop and the registry sees one writer per process (report files are drawn
+on the deployer's own background thread). Anything malformed is logged with its topic and a
+payload preview, recorded in the event log, and dropped: a device can never crash the server.
 """
 
 from __future__ import annotations
@@ -95,6 +95,7 @@ class EdgeGuideServer:
         if self._worker is not None:
             self._worker.join(timeout=30)
             self._worker = None
+        self.deployer.close()
         self.link.stop()
 
     def __enter__(self) -> EdgeGuideServer:

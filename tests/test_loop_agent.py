@@ -326,8 +326,9 @@ def test_restart_after_promotion_but_before_cleanup_keeps_the_promotion(rig: Rig
     event = rig.server.wait_event("promoted", manifest.deployment_id)
     assert "before a restart" in event["reason"]
     assert agent.active_model.version == 4
-    assert not store.staging(manifest.deployment_id).exists()
-    assert manifest.deployment_id in store.finished()
+    # the outcome event goes out before the agent's bookkeeping (daemon._finish), so wait for the latter
+    _wait_until(lambda: manifest.deployment_id in store.finished(), 10, "the deployment marked finished")
+    _wait_until(lambda: not store.staging(manifest.deployment_id).exists(), 10, "the staging removed")
     assert not [e for e in rig.server.events(manifest.deployment_id) if e["type"] == "need_chunks"]
 
 
@@ -391,7 +392,9 @@ def test_candidate_whose_golden_set_breaks_evaluation_is_reported_and_incumbent_
     assert "golden.json unusable: OverflowError" in report["error"]
     rig.server.wait_event("load_failed", manifest.deployment_id)
     rig.server.wait_event("rolled_back", manifest.deployment_id)
-    assert agent.deployment is None and manifest.deployment_id in ModelStore(rig.state_dir).finished()
+    # the outcome event goes out before the agent's bookkeeping (daemon._finish), so wait for the latter
+    _wait_until(lambda: agent.deployment is None, 10, "the agent to drop the deployment")
+    assert manifest.deployment_id in ModelStore(rig.state_dir).finished()
     store = ModelStore(rig.state_dir)
     assert store.active().current.version == 1 and store.slot_contents(store.inactive_slot()) is None
     assert _http_recommend(agent.http_port, [])["model"]["version"] == 1  # the incumbent never stopped

@@ -16,7 +16,7 @@ from protocol.messages import Command, DeviceState, Event, Heartbeat, Manifest, 
 from protocol.mqtt import MqttLink
 from protocol.topics import Topics
 from server import keys
-from server.deployer import Deployer, DeployerConfig, runtime_incompatibility
+from server.deployer import Deployer, DeployerConfig, DeployError, runtime_incompatibility
 from server.embedded_broker import EmbeddedBroker
 from server.keys import key_paths
 from server.policy import parse_policy
@@ -132,6 +132,60 @@ def test_manifest_is_signed_deterministic_and_matches_the_chunks(tmp_path: Path,
     assert decoded.version == record.version
 
 
+def _recording_deployer(registry: Registry, data_dir: Path) -> tuple[Deployer, list[tuple[str, bytes]]]:
+    """A deployer whose publishes land in the returned list (topic, payload), prefix "t"."""
+    sent: list[tuple[str, bytes]] = []
+    policy = parse_policy('name = "t"\n[limits.agreement_at_k]\nmin = 0.9\nrequired = true\n', "t")
+    return Deployer(registry, keys.server_key(data_dir), lambda t, p: sent.append((t, p)), topics=Topics("t"),
+                    policy=policy), sent
+
+
+@pytest.mark.parametrize("chunk_size", [None, 50_000], ids=["recorded-digests", "whole-file-digest"])
+def test_a_corrupted_registry_copy_is_never_sent(tmp_path: Path, tiny_artifact: Path, chunk_size: int | None) -> None:
+    registry = Registry(tmp_path)
+    deployer = EdgeGuideServer(registry, ServerConfig(broker_url="mqtt://127.0.0.1:1", topic_prefix="t")).deployer
+    record = registry.register(tiny_artifact)
+    size = chunk_size or deployer.config.chunk_size
+    # registration records the chunk digests of the default size only; other sizes check the whole file
+    blob = record.packed_path.read_bytes()
+    assert registry.chunk_digests(record, size) == (chunking.digests(blob, size) if chunk_size is None else None)
+    corrupt = bytearray(blob)
+    corrupt[len(corrupt) // 2] ^= 0x01
+    record.packed_path.write_bytes(bytes(corrupt))
+    with pytest.raises(DeployError, match="registry copy is corrupt"):
+        # recorded digests: each chunk is checked as it is first sent; otherwise before any is
+        deployer.prepare(record, size).checked_piece(len(blob) // 2 // size)
+    record.packed_path.write_bytes(blob)
+    deployer = Deployer(registry, keys.server_key(tmp_path), lambda t, p: None, policy=deployer.policy)
+    prepared = deployer.prepare(record, size)
+    assert [bytes(prepared.checked_piece(i)) for i in range(len(prepared.pieces))] == chunking.split(blob, size)
+    assert prepared.digests == chunking.digests(blob, size) and not prepared.unchecked
+
+
+def test_a_copy_corrupted_after_the_manifest_went_out_is_cancelled_not_sent(tmp_path: Path,
+                                                                            tiny_artifact: Path) -> None:
+    registry = Registry(tmp_path)
+    deployer, sent = _recording_deployer(registry, tmp_path)
+    record = registry.register(tiny_artifact)
+    blob = record.packed_path.read_bytes()
+    assert len(blob) > 2 * deployer.config.chunk_size
+    record.packed_path.write_bytes(blob[:-1] + bytes([blob[-1] ^ 0xFF]))  # the last chunk no longer matches
+    dep = deployer.create(record.model_id, "pi-12", force=True)
+    assert deployer.start(dep.deployment_id)  # the manifest comes from the digests recorded at registration
+    manifest = Manifest.from_json(sent[0][1])
+    assert [t for t, _ in sent] == ["t/dev/pi-12/down/manifest"]
+    assert manifest.chunk_sha256 == chunking.digests(blob, deployer.config.chunk_size)
+    deployer.handle_event(Event(device_id="pi-12", type="manifest_accepted", deployment_id=dep.deployment_id,
+                                missing=list(range(manifest.chunk_count))))
+    final = registry.deployment(dep.deployment_id)
+    assert final.status == "rejected" and "registry copy is corrupt" in final.reason
+    chunks = [chunking.decode_chunk(p) for t, p in sent if t.endswith("/chunk")]
+    assert [c.index for c in chunks] == list(range(manifest.chunk_count - 1))  # the corrupt one never left
+    assert all(c.digest.hex() == manifest.chunk_sha256[c.index] for c in chunks)
+    assert sent[-1][0] == "t/dev/pi-12/down/command" and Command.from_json(sent[-1][1]).command == "cancel"
+    deployer.close()
+
+
 def test_runtime_compatibility_from_metrics(tmp_path: Path, tiny_artifact: Path) -> None:
     record = Registry(tmp_path).register(tiny_artifact)
     metrics = dict(record.metrics, runtimes={
@@ -185,10 +239,7 @@ def test_a_repeated_report_is_gated_once_and_answered_with_the_same_verdict(tmp_
                                                                              tiny_artifact: Path) -> None:
     """Agents re-send an unanswered report (a broker restart can drop it): one gate run, one verdict."""
     registry = Registry(tmp_path)
-    sent: list[tuple[str, bytes]] = []
-    policy = parse_policy('name = "t"\n[limits.agreement_at_k]\nmin = 0.9\nrequired = true\n', "t")
-    deployer = Deployer(registry, keys.server_key(tmp_path), lambda t, p: sent.append((t, p)),
-                        topics=Topics("t"), policy=policy)
+    deployer, sent = _recording_deployer(registry, tmp_path)
     record = registry.register(tiny_artifact)
     dep = deployer.create(record.model_id, "pi-11", force=True)
     assert deployer.start(dep.deployment_id)
