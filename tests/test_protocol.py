@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import socket
 import tarfile
 import threading
 import time
@@ -206,6 +207,7 @@ def test_mqtt_link_routes_survives_bad_handler_and_resubscribes(mosquitto, topic
     pub.start()
     try:
         assert sub.is_v5 and not pub.is_v5
+        assert _no_delay(sub) and _no_delay(pub)  # small messages are not held back by Nagle's algorithm
         sub.subscribe(f"{topic_prefix}/ok", record)
         sub.subscribe(f"{topic_prefix}/bad", explode)
         time.sleep(0.2)
@@ -217,6 +219,7 @@ def test_mqtt_link_routes_survives_bad_handler_and_resubscribes(mosquitto, topic
         while not (sub.connected and pub.connected) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert sub.connected and pub.connected, "links did not reconnect after a broker restart"
+        assert _no_delay(sub) and _no_delay(pub)  # the new sockets too
         arrived.clear()
         time.sleep(0.3)
         pub.publish(f"{topic_prefix}/ok", b"after").wait_for_publish(5)
@@ -224,6 +227,10 @@ def test_mqtt_link_routes_survives_bad_handler_and_resubscribes(mosquitto, topic
     finally:
         sub.stop()
         pub.stop()
+
+
+def _no_delay(link: MqttLink) -> bool:
+    return bool(link._client.socket().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
 
 
 def test_mqtt_link_unreachable_broker_is_a_clear_error() -> None:
