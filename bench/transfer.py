@@ -2,11 +2,12 @@
 
 `python bench/transfer.py --json OUT` on a loopback mosquitto, in one run:
 - raw: the artifact's chunk frames published QoS 1 by one MqttLink to one subscribing MqttLink
-  (plain publish/subscribe of the same bytes in the same 64 KiB pieces), median of --repeats;
+  (plain publish/subscribe of the same bytes in the same 64 KiB pieces), median of --repeats, one
+  run right before each single-agent deployment (same processes up, same machine load);
 - deploy: the real server (registry, deployer, gate) deploying the artifact to one real agent
   process (`python -m agent`), timed from `deploy()` to the agent's `download_complete` as the
   server received it (manifest, admission, chunk requests, verified and persisted chunks), median
-  of --repeats consecutive versions;
+  of --repeats consecutive versions, each started once the previous one's report files are written;
 - fleet: the same artifact deployed at once to --fleet in-process `agent.daemon.Agent` instances
   (real agent code, one process, short measurement), timed to the last `download_complete` and to
   the last promotion; `all_verified` means every agent reported the model loaded, was promoted and
@@ -31,6 +32,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -98,41 +100,41 @@ def build_artifact(workdir: Path, target_mib: float, customers: int) -> Path:
 
 
 # ----------------------------------------------------------------------------- raw pub/sub
-def measure_raw(url: str, frames: list[bytes], repeats: int) -> dict[str, Any]:
-    """Median seconds for one publisher to get `frames` to one subscriber (QoS 1 both ways)."""
-    from protocol.mqtt import MqttLink
-
-    total = sum(len(f) for f in frames)
-    topic = f"{PREFIX}/raw/{uuid.uuid4().hex[:8]}"
-    runs = []
-    for _ in range(repeats):
-        done = threading.Event()
-        got = {"n": 0}
-
-        def on_frame(_topic: str, _payload: bytes, got: dict = got, done: threading.Event = done) -> None:
-            got["n"] += 1
-            if got["n"] == len(frames):
-                done.set()
-
-        sub = MqttLink(url, f"raw-sub-{uuid.uuid4().hex[:6]}", clean_start=True)
-        pub = MqttLink(url, f"raw-pub-{uuid.uuid4().hex[:6]}", clean_start=True)
-        sub.start()
-        pub.start()
-        try:
-            sub.subscribe(topic, on_frame, qos=1)
-            _wait_subscribed(pub, sub, topic)
-            got["n"] = 0
-            start = time.perf_counter()
-            for frame in frames:
-                pub.publish(topic, frame, qos=1)
-            if not done.wait(120):
-                raise RuntimeError(f"raw run: only {got['n']} of {len(frames)} frames arrived")
-            runs.append(time.perf_counter() - start)
-        finally:
-            pub.stop()
-            sub.stop()
+def raw_summary(runs: list[float], total: int) -> dict[str, Any]:
     seconds = statistics.median(runs)
     return {"seconds": seconds, "runs_s": runs, "mib_s": total / MIB / seconds, "bytes": total}
+
+
+def raw_run(url: str, frames: list[bytes]) -> float:
+    """Seconds for one publisher to get `frames` to one subscriber, fresh links, subscription live."""
+    from protocol.mqtt import MqttLink
+
+    topic = f"{PREFIX}/raw/{uuid.uuid4().hex[:8]}"
+    done = threading.Event()
+    got = {"n": 0}
+
+    def on_frame(_topic: str, _payload: bytes) -> None:
+        got["n"] += 1
+        if got["n"] == len(frames):
+            done.set()
+
+    sub = MqttLink(url, f"raw-sub-{uuid.uuid4().hex[:6]}", clean_start=True)
+    pub = MqttLink(url, f"raw-pub-{uuid.uuid4().hex[:6]}", clean_start=True)
+    sub.start()
+    pub.start()
+    try:
+        sub.subscribe(topic, on_frame, qos=1)
+        _wait_subscribed(pub, sub, topic)
+        got["n"] = 0
+        start = time.perf_counter()
+        for frame in frames:
+            pub.publish(topic, frame, qos=1)
+        if not done.wait(120):
+            raise RuntimeError(f"raw run: only {got['n']} of {len(frames)} frames arrived")
+        return time.perf_counter() - start
+    finally:
+        pub.stop()
+        sub.stop()
 
 
 def _wait_subscribed(pub: Any, sub: Any, topic: str) -> None:
@@ -189,8 +191,13 @@ class Bench:
         return float(rows[0]["ts"]) if rows else None
 
 
-def deploy_single(bench: Bench, artifact_dir: Path, repeats: int) -> dict[str, Any]:
-    """Deploy `repeats` consecutive versions to one agent process; transfer time per version."""
+def deploy_single(bench: Bench, artifact_dir: Path, repeats: int,
+                  before_each: Callable[[], None] = lambda: None) -> dict[str, Any]:
+    """Deploy `repeats` consecutive versions to one agent process; transfer time per version.
+
+    `before_each` runs before every deployment, with the agent up and the server idle (the raw
+    runs, so both figures see the same processes and the same machine load).
+    """
     from server.local_agent import LocalAgent
 
     agent = LocalAgent("bench-single", bench.broker.url, bench.root / "single" / "state", bench.pub_key,
@@ -200,6 +207,7 @@ def deploy_single(bench: Bench, artifact_dir: Path, repeats: int) -> dict[str, A
     try:
         bench.wait_seen([agent.device_id])
         for _ in range(repeats):
+            before_each()
             record = bench.registry.register(artifact_dir)
             start = time.time()
             dep = bench.server.deploy(record.model_id, agent.device_id, version=record.version)
@@ -217,6 +225,7 @@ def deploy_single(bench: Bench, artifact_dir: Path, repeats: int) -> dict[str, A
                          "measure_s": context.get("measure_s"),
                          "end_to_end_s": time.time() - start,
                          "served_version": agent.model().get("version")})
+            bench.server.deployer.wait_reports()  # its latency plot is drawn before the next run starts
     finally:
         agent.stop()
     seconds = statistics.median(r["seconds"] for r in runs)
@@ -313,9 +322,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         _LOGGER.info("artifact %s: %d bytes packed, %d chunks of %d KiB", artifact_dir, len(blob), len(pieces),
                      args.chunk_kib)
-        raw = measure_raw(bench.broker.url, frames, args.repeats)
+        raw_runs: list[float] = []
+        single = deploy_single(bench, artifact_dir, args.repeats,
+                               before_each=lambda: raw_runs.append(raw_run(bench.broker.url, frames)))
+        raw = raw_summary(raw_runs, sum(len(f) for f in frames))
         _LOGGER.info("raw pub/sub: %.1f MiB/s", raw["mib_s"])
-        single = deploy_single(bench, artifact_dir, args.repeats)
         _LOGGER.info("deploy to 1 agent: %.1f MiB/s (%.2f s)", single["mib_s"], single["seconds"])
         fleet = deploy_fleet(bench, artifact_dir, args.fleet) if args.fleet > 0 else None
         if fleet:

@@ -244,6 +244,7 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> int:
             console.print(_verdict_table(final.verdict))
             for line in _verdict_notes(final.verdict):
                 console.print(line)
+        server.deployer.wait_reports()
         console.print(f"reports written to {registry.reports_dir / final.deployment_id}")
         if final.status != "promoted":
             console.print(Panel(f"deployment ended {final.status}: {final.reason}\nagent log: {agent.log_path}",

@@ -11,6 +11,7 @@ rejected (refused before or during transfer) and timeout end a deployment early.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -207,6 +208,11 @@ class Deployer:
     def close(self) -> None:
         """Write the report files still queued (call once the worker has stopped)."""
         self._reporter.shutdown(wait=True)
+
+    def wait_reports(self, timeout: float = 30.0) -> None:
+        """Block until the report files queued so far are written (TimeoutError after `timeout`)."""
+        with contextlib.suppress(RuntimeError):  # closed: close() already waited for them
+            self._reporter.submit(lambda: None).result(timeout)
 
     def _prepared_for(self, dep: DeploymentRecord) -> Prepared:
         return self.prepare(self.registry.artifact_by_id(dep.artifact_id), dep.chunk_size)
