@@ -175,8 +175,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "p99_ingest_ms": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 1)
         if latencies else None,
         "ingest": "publish -> a server worker decoded and recorded it (queue wait included); each report is then "
-                  "gated, its signed verdict sent and its report files (JSON, Markdown with a text histogram) "
-                  "written; the PNG plot is drawn once, when the deployment ends",
+                  "gated and its signed verdict sent by that worker, while its report files (JSON, Markdown with a "
+                  "text histogram; the PNG once the deployment ends) are written on the server's report thread",
         "context": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
                     "broker": "mosquitto (loopback)", "registry": "sqlite (shared by the server processes)"},
         "work_dir": str(work_dir),
