@@ -356,7 +356,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "loadavg_1m_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)]},
         "definitions": {
             "raw_mib_s": "packed bytes / median time for one QoS 1 publisher to get all chunk frames to one "
-                         "subscriber through the broker",
+                         "subscriber through the broker (one run right before each single-agent deployment)",
             "deploy_mib_s": "packed bytes / median time from server deploy() to the agent's download_complete "
                             "(signed manifest, admission, per-chunk verification and fsynced staging)",
             "fleet_seconds": "deploy() to all fleet agents until the last deployment is promoted",
