@@ -392,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--customers", type=int, default=1500, help="customers in the training slice")
     parser.add_argument("--chunk-kib", type=int, default=64)
     parser.add_argument("--fleet", type=int, default=50, help="agents deployed to at once (0: skip)")
-    parser.add_argument("--repeats", type=int, default=5, help="single-agent deployments and raw runs (medians)")
+    parser.add_argument("--repeats", type=int, default=9, help="single-agent deployments and raw runs (medians)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for noisy in ("agent", "server", "protocol"):
