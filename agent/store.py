@@ -405,7 +405,7 @@ class Staging:
             return
         try:
             if self._data is not None:
-                os.fsync(self._data.fileno())
+                os.fdatasync(self._data.fileno())  # the data and its extents; its mtime does not matter
             else:
                 fd = os.open(self.path / self.DATA, os.O_WRONLY)
                 try:
