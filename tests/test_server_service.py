@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import queue
 import time
@@ -255,3 +256,10 @@ def test_a_repeated_report_is_gated_once_and_answered_with_the_same_verdict(tmp_
     assert decoded[0].verdict == "PASS"
     assert registry.deployment(dep.deployment_id).status == "passed"
     assert [e["kind"] for e in registry.events(deployment_id=dep.deployment_id)].count("status:passed") == 1
+    # report files are written on the deployer's report thread, in order; wait_reports() drains it
+    deployer.handle_event(Event(device_id="pi-11", type="promoted", deployment_id=dep.deployment_id,
+                                version=record.version))
+    deployer.wait_reports()
+    stored = json.loads((registry.reports_dir / dep.deployment_id / "report.json").read_text())
+    assert stored["deployment"]["status"] == "promoted" and stored["verdict"]["verdict"] == "PASS"
+    deployer.close()
