@@ -384,9 +384,7 @@ class Staging:
         chunks, which `open` does not claim and the agent requests again.
         """
         try:
-            if self._data is None:
-                self._data = io.FileIO(self.path / self.DATA, "r+")
-            os.pwrite(self._data.fileno(), data, index * self.manifest.chunk_size)
+            os.pwrite(self._file().fileno(), data, index * self.manifest.chunk_size)
         except OSError as exc:
             raise _disk_error(exc, f"cannot write chunk {index} of {self.manifest.deployment_id}") from exc
         if not self.have[index]:
@@ -404,14 +402,7 @@ class Staging:
         if self._unflushed == 0:
             return
         try:
-            if self._data is not None:
-                os.fdatasync(self._data.fileno())  # the data and its extents; its mtime does not matter
-            else:
-                fd = os.open(self.path / self.DATA, os.O_WRONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+            os.fdatasync(self._file().fileno())  # the data and its extents; its mtime does not matter
             # Not fsynced (saves two of three fsyncs per flush): `open` re-verifies every chunk the
             # bitmap claims and starts over on a bitmap a power cut tore, so a lost bitmap update
             # costs a re-download, never a corrupt model.
@@ -438,6 +429,12 @@ class Staging:
     @property
     def complete(self) -> bool:
         return not self._missing
+
+    def _file(self) -> io.FileIO:
+        """The data file, opened on first use and kept until `close`."""
+        if self._data is None:
+            self._data = io.FileIO(self.path / self.DATA, "r+")
+        return self._data
 
     def close(self) -> None:
         """Release the data file handle (flush first to keep what was written); idempotent."""

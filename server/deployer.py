@@ -50,9 +50,8 @@ class Prepared:
     """
 
     artifact: ArtifactRecord
-    blob: bytes
     chunk_size: int
-    pieces: list[memoryview]
+    pieces: list[memoryview]  # views of the blob read once (they keep it alive)
     digests: list[str]
     unchecked: set[int] = field(default_factory=set)
 
@@ -192,13 +191,13 @@ class Deployer:
         pieces = [view[offset:offset + chunk_size] for offset in range(0, len(blob), chunk_size)] or [view]
         recorded = self.registry.chunk_digests(artifact, chunk_size)
         if recorded is not None and len(recorded) == len(pieces):
-            prepared = Prepared(artifact, blob, chunk_size, pieces, recorded, unchecked=set(range(len(pieces))))
+            prepared = Prepared(artifact, chunk_size, pieces, recorded, unchecked=set(range(len(pieces))))
         else:
             whole = hashlib.sha256(blob).hexdigest()
             if whole != artifact.sha256:
                 raise DeployError(f"stored artifact {artifact.packed_path} has sha256 {whole}, registration recorded "
                                   f"{artifact.sha256}: the registry copy is corrupt; register it again")
-            prepared = Prepared(artifact, blob, chunk_size, pieces, [hashlib.sha256(p).hexdigest() for p in pieces])
+            prepared = Prepared(artifact, chunk_size, pieces, [hashlib.sha256(p).hexdigest() for p in pieces])
         with self._prepared_lock:
             self._prepared[key] = prepared
             while len(self._prepared) > 4:

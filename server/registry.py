@@ -107,14 +107,17 @@ class ArtifactRecord:
         return cls(row["id"], row["model_id"], int(row["version"]), Path(row["path"]), Path(row["packed_path"]),
                    row["sha256"], int(row["size"]), json.loads(row["metrics"]), float(row["created"]))
 
-    @property
-    def chunk_digests_path(self) -> Path:
-        """Sidecar of the packed blob: its per-chunk SHA-256 at the default chunk size."""
-        return chunk_digests_path(self.packed_path)
-
 
 def chunk_digests_path(packed_path: Path) -> Path:
+    """Sidecar of a packed blob: its per-chunk SHA-256 at the default chunk size."""
     return packed_path.with_name(packed_path.name.removesuffix(".tar.gz") + ".chunks.json")
+
+
+def _replace_file(path: Path, data: bytes) -> None:
+    """Write next to `path`, then rename over it: a crash leaves the old file or the new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 @dataclass(frozen=True)
@@ -239,9 +242,7 @@ class Registry:
             dest = self.artifacts_dir / model_id / f"v{version}"
             packed_path = self.artifacts_dir / model_id / f"v{version}.tar.gz"
             self._copy_artifact(folder, dest, packed_path, packed)
-            sidecar = chunk_digests_path(packed_path)
-            sidecar.with_name(sidecar.name + ".tmp").write_text(json.dumps(chunk_digests))
-            os.replace(sidecar.with_name(sidecar.name + ".tmp"), sidecar)
+            _replace_file(chunk_digests_path(packed_path), json.dumps(chunk_digests).encode())
             record = ArtifactRecord(f"{model_id}@{version}", model_id, version, dest, packed_path, digest,
                                     len(packed), metrics, time.time())
             self.db.execute(
@@ -265,15 +266,13 @@ class Registry:
         for name in ARTIFACT_FILES:
             shutil.copy2(src / name, tmp / name)
         os.replace(tmp, dest)
-        packed_tmp = packed_path.with_name(packed_path.name + ".tmp")
-        packed_tmp.write_bytes(packed)
-        os.replace(packed_tmp, packed_path)
+        _replace_file(packed_path, packed)
 
     @staticmethod
     def chunk_digests(artifact: ArtifactRecord, chunk_size: int) -> list[str] | None:
         """Per-chunk SHA-256 recorded at registration for `chunk_size`; None for another size or no record."""
         try:
-            recorded = json.loads(artifact.chunk_digests_path.read_text())
+            recorded = json.loads(chunk_digests_path(artifact.packed_path).read_text())
         except (OSError, ValueError) as exc:
             _LOGGER.debug("no chunk digests for %s: %s", artifact.id, exc)
             return None
