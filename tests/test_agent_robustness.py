@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_agent_support import TINY_MEASURE, new_deployment_id, new_keypair
+from test_agent_support import TINY_MEASURE, mounted_tmpfs, new_deployment_id, new_keypair
 
 from agent.deployment import Deployment, EvalSettings, evaluate_candidate, failure_kind
 from agent.measure import MeasureConfig, measure_model
@@ -97,13 +97,8 @@ def test_golden_of_the_wrong_window_fails_the_real_measurement(tmp_path: Path,
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A real 2 MiB filesystem (tmpfs): writes past it fail with ENOSPC."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], check=True)
-    try:
+    with mounted_tmpfs(tmp_path / "disk", "2m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
 
 
 def test_a_full_disk_while_installing_is_reported_as_disk_full(small_disk: Path,

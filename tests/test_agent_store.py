@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_agent_support import new_keypair
+from test_agent_support import mounted_tmpfs, new_keypair
 
 from agent.outbox import Outbox, OutboxFlusher
 from agent.store import ModelStore, Staging, StoreError
@@ -100,13 +100,8 @@ def test_unpack_failure_is_a_verify_error_and_leaves_no_slot(tmp_path: Path) -> 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A real 1 MiB filesystem (tmpfs): writes past it fail with ENOSPC."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)
-    try:
+    with mounted_tmpfs(tmp_path / "disk", "1m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
 
 
 def test_disk_full_fails_cleanly_and_keeps_the_active_model(small_disk: Path, tmp_path: Path) -> None:

@@ -13,10 +13,12 @@ import hashlib
 import json
 import shutil
 import struct
+import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,17 @@ TFLITE_FULLY_CONNECTED = 9
 # Measurement thresholds for in-process agent tests: every pass runs, just briefly.
 TINY_MEASURE = {"mode": "quick", "warmup_min_runs": 5, "warmup_min_s": 0.01, "timed_min_runs": 30,
                 "timed_min_s": 0.05, "memory_min_runs": 10, "memory_min_s": 0.05, "idle_s": 0.05, "energy_s": 0.1}
+
+
+@contextmanager
+def mounted_tmpfs(mount: Path, size: str) -> Iterator[Path]:
+    """A real tmpfs of `size` (e.g. "1m") at `mount` (created): writes past it fail with ENOSPC."""
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
 
 
 @functools.cache

@@ -144,7 +144,7 @@ def _recording_deployer(registry: Registry, data_dir: Path) -> tuple[Deployer, l
 @pytest.mark.parametrize("chunk_size", [None, 50_000], ids=["recorded-digests", "whole-file-digest"])
 def test_a_corrupted_registry_copy_is_never_sent(tmp_path: Path, tiny_artifact: Path, chunk_size: int | None) -> None:
     registry = Registry(tmp_path)
-    deployer = EdgeGuideServer(registry, ServerConfig(broker_url="mqtt://127.0.0.1:1", topic_prefix="t")).deployer
+    deployer, _ = _recording_deployer(registry, tmp_path)
     record = registry.register(tiny_artifact)
     size = chunk_size or deployer.config.chunk_size
     # registration records the chunk digests of the default size only; other sizes check the whole file
@@ -157,7 +157,7 @@ def test_a_corrupted_registry_copy_is_never_sent(tmp_path: Path, tiny_artifact: 
         # recorded digests: each chunk is checked as it is first sent; otherwise before any is
         deployer.prepare(record, size).checked_piece(len(blob) // 2 // size)
     record.packed_path.write_bytes(blob)
-    deployer = Deployer(registry, keys.server_key(tmp_path), lambda t, p: None, policy=deployer.policy)
+    deployer, _ = _recording_deployer(registry, tmp_path)  # a fresh cache reads the repaired copy
     prepared = deployer.prepare(record, size)
     assert [bytes(prepared.checked_piece(i)) for i in range(len(prepared.pieces))] == chunking.split(blob, size)
     assert prepared.digests == chunking.digests(blob, size) and not prepared.unchecked
