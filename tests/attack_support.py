@@ -25,6 +25,7 @@ from agent.daemon import Agent
 from agent.measure import MeasureConfig
 from agent.store import ModelStore
 from protocol.mqtt import MqttLink
+from server.deployer import DeployerConfig
 from server.keys import export_public_key
 from server.policy import parse_policy
 from server.registry import ArtifactRecord, Registry
@@ -53,7 +54,7 @@ class Recorder:
     def __init__(self, publish: Callable[[str, bytes], None]) -> None:
         self._publish = publish
         self._lock = threading.Lock()
-        self.sent: list[tuple[str, bytes]] = []
+        self.sent: list[tuple[float, str, bytes]] = []
         self.held: list[tuple[str, bytes]] = []
         self.hold_kinds: set[str] = set()
         self.chunk_delay_s = 0.0
@@ -61,7 +62,7 @@ class Recorder:
     def __call__(self, topic: str, payload: bytes) -> None:
         kind = topic.rsplit("/", 1)[-1]
         with self._lock:
-            self.sent.append((topic, bytes(payload)))
+            self.sent.append((time.time(), topic, bytes(payload)))
             if kind in self.hold_kinds:
                 self.held.append((topic, bytes(payload)))
                 return
@@ -77,15 +78,20 @@ class Recorder:
             self._publish(topic, payload)
 
     def payloads(self, device_id: str, kind: str) -> list[bytes]:
+        return [p for _, p in self.timed_payloads(device_id, kind)]
+
+    def timed_payloads(self, device_id: str, kind: str) -> list[tuple[float, bytes]]:
+        """(time.time() when sent, payload) of every `kind` message sent to `device_id`."""
         with self._lock:
-            return [p for t, p in self.sent if t.endswith(f"/dev/{device_id}/down/{kind}")]
+            return [(ts, p) for ts, t, p in self.sent if t.endswith(f"/dev/{device_id}/down/{kind}")]
 
 
-def start_server(registry: Registry, broker_url: str, prefix: str, **config: Any) -> tuple[EdgeGuideServer, Recorder]:
+def start_server(registry: Registry, broker_url: str, prefix: str, *, deployer_config: DeployerConfig | None = None,
+                 **config: Any) -> tuple[EdgeGuideServer, Recorder]:
     """A started server whose down traffic goes through a Recorder."""
     server = EdgeGuideServer(registry, ServerConfig(broker_url=broker_url, topic_prefix=prefix,
                                                     client_id=f"srv-{uuid.uuid4().hex[:8]}", tick_s=0.2, **config),
-                             policy=POLICY)
+                             policy=POLICY, deployer_config=deployer_config)
     recorder = Recorder(server.deployer.publish)
     server.deployer.publish = recorder  # type: ignore[method-assign]
     server.start()
