@@ -24,6 +24,7 @@ from agent.config import AgentConfig
 from agent.daemon import Agent
 from agent.measure import MeasureConfig
 from agent.store import ModelStore
+from protocol.messages import Event
 from protocol.mqtt import MqttLink
 from server.deployer import DeployerConfig
 from server.keys import export_public_key
@@ -142,3 +143,31 @@ def raw_link(broker_url: str, **kw: Any) -> Iterator[MqttLink]:
         yield link
     finally:
         link.stop()
+
+
+class EventTap:
+    """Every event one device publishes, with the time it arrived (a plain, non-shared subscription, so
+    the server's per-device rate limit does not hide what the agent said)."""
+
+    def __init__(self, broker_url: str, topic: str) -> None:
+        self.events: list[tuple[float, Event]] = []
+        self._lock = threading.Lock()
+        self.link = MqttLink(broker_url, f"tap-{uuid.uuid4().hex[:8]}", clean_start=True)
+        self.link.start()
+        self.link.subscribe(topic, self._on)
+        time.sleep(0.3)  # let the SUBSCRIBE land
+
+    def _on(self, _topic: str, payload: bytes) -> None:
+        with self._lock:
+            self.events.append((time.time(), Event.from_json(payload)))
+
+    def of(self, deployment_id: str, kind: str, since: float = 0.0) -> list[Event]:
+        """Events `kind` about `deployment_id` that arrived at or after `since` (time.time())."""
+        with self._lock:
+            return [e for t, e in self.events if t >= since and e.deployment_id == deployment_id and e.type == kind]
+
+    def first_reconnect_request(self, since: float, deployment_id: str) -> Event | None:
+        """The first `need_chunks` a (re)started agent sends on connecting, after `since`."""
+        with self._lock:
+            return next((e for t, e in self.events if t >= since and e.deployment_id == deployment_id
+                         and e.type == "need_chunks" and e.reason == "reconnected"), None)

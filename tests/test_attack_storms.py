@@ -23,6 +23,7 @@ import pytest
 from attack_support import (
     INCUMBENT_DEPLOYMENT,
     POLICY,
+    EventTap,
     device_events,
     pointer_version,
     preinstall,
@@ -34,8 +35,6 @@ from attack_support import (
 from test_delivery_faults import KillableAgent
 
 from agent.store import ModelStore
-from protocol.messages import Event
-from protocol.mqtt import MqttLink
 from server.deployer import DeployerConfig
 from server.mosquitto import MosquittoBroker
 from server.registry import Registry
@@ -102,28 +101,6 @@ class ThrottledRelay:
         self._server.close()
         for s in self._sockets:
             s.close()
-
-
-class EventTap:
-    """Every event one device publishes, with the time it arrived (a plain, non-shared subscription)."""
-
-    def __init__(self, broker_url: str, topic: str) -> None:
-        self.events: list[tuple[float, Event]] = []
-        self._lock = threading.Lock()
-        self.link = MqttLink(broker_url, f"tap-{uuid.uuid4().hex[:8]}", clean_start=True)
-        self.link.start()
-        self.link.subscribe(topic, self._on)
-        time.sleep(0.3)  # let the SUBSCRIBE land
-
-    def _on(self, _topic: str, payload: bytes) -> None:
-        with self._lock:
-            self.events.append((time.time(), Event.from_json(payload)))
-
-    def first_reconnect_request(self, since: float, deployment_id: str) -> Event | None:
-        """The first `need_chunks` a (re)started agent sends on connecting, after `since`."""
-        with self._lock:
-            return next((e for t, e in self.events if t >= since and e.deployment_id == deployment_id
-                         and e.type == "need_chunks" and e.reason == "reconnected"), None)
 
 
 def claimed(state_dir: Path, deployment_id: str) -> set[int]:
