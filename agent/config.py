@@ -21,6 +21,7 @@ from protocol import names, signing
 from protocol.errors import ProtocolError
 from protocol.limits import DEFAULT_LIMITS, MIB
 from protocol.mqtt import BrokerAddress
+from protocol.redact import redact_text
 from protocol.topics import Topics
 
 _LOGGER = logging.getLogger(__name__)
@@ -36,8 +37,8 @@ class ConfigError(ValueError):
     """The configuration is invalid; the message lists every problem found."""
 
     def __init__(self, problems: list[str]) -> None:
-        self.problems = problems
-        super().__init__("invalid agent configuration:\n  - " + "\n  - ".join(problems))
+        self.problems = [redact_text(p) for p in problems]  # a bad broker URL must not print its password
+        super().__init__("invalid agent configuration:\n  - " + "\n  - ".join(self.problems))
 
 
 @dataclass
@@ -136,6 +137,8 @@ class AgentConfig:
                 value = str(value)
             if f.name in _SECRET_FIELDS and value and mask_secrets:
                 value = "***"
+            elif isinstance(value, str) and mask_secrets:
+                value = redact_text(value)  # e.g. a password inside broker_url
             out[f.name] = value
         return out
 

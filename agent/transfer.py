@@ -19,6 +19,8 @@ from protocol import chunking
 from protocol.errors import ProtocolError, SignatureError
 from protocol.limits import DEFAULT_LIMITS, Limits
 from protocol.messages import Manifest
+from protocol.names import peek_deployment_id
+from protocol.schema import decode_object
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -30,10 +32,12 @@ DISK_FACTOR = 3
 class ManifestRejected(Exception):
     """A manifest the device refuses; `reason` goes into the manifest_rejected event verbatim."""
 
-    def __init__(self, reason: str, manifest: Manifest | None = None) -> None:
+    def __init__(self, reason: str, manifest: Manifest | None = None, deployment_id: str | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
         self.manifest = manifest
+        # Best effort for a manifest that decoded but failed its schema, so the server can match the event.
+        self.deployment_id = manifest.deployment_id if manifest is not None else deployment_id
 
 
 class ChunkRejected(Exception):
@@ -63,10 +67,16 @@ class Admission:
 
 def check_manifest(payload: bytes, admission: Admission) -> Manifest:
     """Decode and admit a manifest, or raise ManifestRejected naming the reason and the values."""
+    # Decoded once: a payload refused for its size or its JSON is never parsed again (not even to
+    # find its deployment id), and the id of one that fails the schema comes from this same dict.
     try:
-        manifest = Manifest.from_json(payload, max_bytes=admission.limits.max_manifest_bytes)
+        obj = decode_object(payload, "manifest", admission.limits.max_manifest_bytes)
     except ProtocolError as exc:
         raise ManifestRejected(f"malformed manifest: {exc}") from exc
+    try:
+        manifest = Manifest.from_dict(obj)
+    except ProtocolError as exc:
+        raise ManifestRejected(f"malformed manifest: {exc}", deployment_id=peek_deployment_id(obj)) from exc
     try:
         manifest.verify(admission.server_key)
     except SignatureError as exc:

@@ -358,6 +358,13 @@ class Deployer:
         dep = self._active(report.deployment_id, report.device_id, "report")
         if dep is None:
             return
+        if dep.terminal:
+            # A finished deployment's record is final: a late, repeated or forged report (a device
+            # "passing" a manifest its own agent rejected) is logged and changes nothing.
+            self.registry.log_event("report_ignored", device_id=report.device_id, deployment_id=dep.deployment_id,
+                                    detail=f"deployment already {dep.status}; report load_ok={report.load_ok}")
+            _LOGGER.warning("report for %s ignored: the deployment is already %s", dep.deployment_id, dep.status)
+            return
         if report.version != dep.version or report.model_id != dep.model_id:
             self.registry.log_event("report_mismatch", device_id=report.device_id, deployment_id=dep.deployment_id,
                                     detail=f"report for {report.model_id}@{report.version}, expected "
@@ -374,18 +381,12 @@ class Deployer:
         verdict = Verdict(deployment_id=dep.deployment_id, device_id=dep.device_id, model_id=dep.model_id,
                           version=dep.version, verdict=result.verdict, checks=result.checks,
                           reason=result.reason, created=_iso(dep.created)).signed(self.key)
-        if dep.terminal:
-            # e.g. the device discarded a model that failed to load and said so before its report
-            # arrived: keep the status, but record what the gate makes of the report.
-            self.registry.update_deployment(dep.deployment_id, report=report.to_dict(), verdict=verdict.to_dict())
-            _LOGGER.info("report for %s (already %s) gated %s: %s", dep.deployment_id, dep.status, result.verdict,
-                         result.reason)
-        else:
-            status = "passed" if result.passed else "failed"
-            if not self._transition(dep, status, ("pending", "transferring", "measuring"), result.reason,
-                                    report=report.to_dict(), verdict=verdict.to_dict()):
-                return
-            self._publish_verdict(dep, verdict)
+        status = "passed" if result.passed else "failed"
+        # Conditional on a non-terminal status: a deployment finished meanwhile keeps its record.
+        if not self._transition(dep, status, ("pending", "transferring", "measuring"), result.reason,
+                                report=report.to_dict(), verdict=verdict.to_dict()):
+            return
+        self._publish_verdict(dep, verdict)
         self._write_report(dep.deployment_id, plot=False)
 
     def _write_report(self, deployment_id: str, plot: bool = True) -> None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from protocol.errors import ProtocolError
 from protocol.messages import DeviceState, Event, Heartbeat, Report
 from protocol.mqtt import MqttLink
+from protocol.redact import redact_url
 from protocol.topics import Topics
 from server import keys
 from server.deployer import ChunkTransform, Deployer, DeployerConfig
@@ -84,7 +85,8 @@ class EdgeGuideServer:
         self._worker = threading.Thread(target=self._run, name="edgeguide-server-worker", daemon=True)
         self._worker.start()
         self._call(self.deployer.resume)
-        _LOGGER.info("server up: broker %s, prefix %r, data dir %s", self.config.broker_url, self.topics.prefix,
+        _LOGGER.info("server up: broker %s, prefix %r, data dir %s", redact_url(self.config.broker_url),
+                     self.topics.prefix,
                      self.registry.data_dir)
         return self
 
