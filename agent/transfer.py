@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -88,14 +89,19 @@ def check_manifest(payload: bytes, admission: Admission) -> Manifest:
     if active is not None and manifest.version <= active and not manifest.rollback:
         raise ManifestRejected(f"version {manifest.version} is not newer than the active version {active} "
                                f"(set rollback to install an older model)", manifest)
+    lim = admission.limits
+    if manifest.unpacked_size is not None and manifest.unpacked_size > lim.max_unpacked_bytes:
+        raise ManifestRejected(f"unpacked_size {manifest.unpacked_size} exceeds the limit of {lim.max_unpacked_bytes} "
+                               "bytes", manifest)
     if manifest.total_size > admission.quota_bytes:
         raise ManifestRejected(f"total_size {manifest.total_size} exceeds the device quota {admission.quota_bytes}",
                                manifest)
     needed = manifest.total_size * DISK_FACTOR
+    if manifest.unpacked_size is not None:  # blob + its files + slack, when the manifest says how big they are
+        needed = max(needed, manifest.total_size * (DISK_FACTOR - 1) + manifest.unpacked_size)
     if needed > admission.free_bytes:
         raise ManifestRejected(f"not enough free disk: need ~{needed} bytes for total_size {manifest.total_size}, "
                                f"{admission.free_bytes} free", manifest)
-    lim = admission.limits
     if not 1 <= manifest.chunk_size <= lim.max_chunk_bytes or manifest.chunk_count > lim.max_chunks:
         raise ManifestRejected(f"chunk_size {manifest.chunk_size} x {manifest.chunk_count} chunks outside limits "
                                f"(chunk <= {lim.max_chunk_bytes}, count <= {lim.max_chunks})", manifest)
@@ -168,13 +174,22 @@ class Receiver:
         self.staging.write_chunk(chunk.index, chunk.data)
         return True
 
-    def assemble(self) -> bytes:
-        """The whole verified blob (raises VerifyError if the file's SHA-256 is not the manifest's)."""
+    def verified_path(self) -> Path:
+        """The staged file, hashed in 1 MiB steps (VerifyError unless it is the manifest's SHA-256)."""
         if not self.complete:
             raise VerifyError(f"{self.deployment_id}: {len(self.missing())} chunks still missing")
-        blob = self.staging.read_blob()
-        digest = hashlib.sha256(blob).hexdigest()
-        if len(blob) != self.manifest.total_size or digest != self.manifest.sha256:
-            raise VerifyError(f"{self.deployment_id}: assembled {len(blob)} bytes with sha256 {digest}, manifest says "
+        path = self.staging.path / self.staging.DATA
+        hasher, size = hashlib.sha256(), 0
+        with open(path, "rb") as fh:
+            while piece := fh.read(1 << 20):
+                hasher.update(piece)
+                size += len(piece)
+        digest = hasher.hexdigest()
+        if size != self.manifest.total_size or digest != self.manifest.sha256:
+            raise VerifyError(f"{self.deployment_id}: assembled {size} bytes with sha256 {digest}, manifest says "
                               f"{self.manifest.total_size} bytes with sha256 {self.manifest.sha256}")
-        return blob
+        return path
+
+    def assemble(self) -> bytes:
+        """The whole verified blob (raises VerifyError if the file's SHA-256 is not the manifest's)."""
+        return self.verified_path().read_bytes()

@@ -27,6 +27,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from protocol import chunking
+from protocol.artifact import unpacked_size
 from protocol.limits import DEFAULT_LIMITS
 from protocol.messages import Command, Event, Manifest, Report, Verdict
 from protocol.topics import Topics
@@ -230,7 +231,8 @@ class Deployer:
         return Manifest(deployment_id=dep.deployment_id, device_id=dep.device_id, model_id=artifact.model_id,
                         version=artifact.version, total_size=artifact.size, sha256=artifact.sha256,
                         chunk_size=dep.chunk_size, chunk_sha256=list(digests),
-                        created=_iso(dep.created), requirements=requirements).signed(self.key)
+                        created=_iso(dep.created), requirements=requirements,
+                        unpacked_size=unpacked_size(artifact.path)).signed(self.key)
 
     def _send_manifest(self, dep: DeploymentRecord) -> None:
         try:
