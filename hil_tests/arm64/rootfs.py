@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -169,7 +170,7 @@ def _source_uris(text: str, deb822: bool) -> list[str]:
                 uris += fields.get("uris", "").split()
     else:
         for line in text.splitlines():
-            parts = [p for p in line.split() if not p.startswith("[")] if line.startswith("deb ") else []
+            parts = re.sub(r"\[[^\]]*\]", " ", line).split() if line.startswith("deb ") else []
             if len(parts) >= 2:
                 uris.append(parts[1])
     return [u for u in uris if u.startswith(("http://", "https://"))]
