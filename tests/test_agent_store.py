@@ -266,6 +266,26 @@ def test_manifest_admission(tmp_path: Path) -> None:
         check_manifest(b'{"deployment_id": "d-0000000000aa"}', adm)
 
 
+def test_manifest_older_than_the_newest_admitted_is_a_replay(tmp_path: Path) -> None:
+    key, pub = new_keypair(tmp_path)
+    blob = os.urandom(3000)
+    store = ModelStore(tmp_path / "state")
+    assert store.newest_admitted() is None  # a fresh device (or one from before this rule) checks nothing
+    store.note_admitted("2026-12-01T10:00:00.000+00:00")
+    adm = Admission(device_id="dev-1", server_key=signing.load_public_key(pub), active_version=2,
+                    quota_bytes=10_000, free_bytes=1 << 30, newest_admitted=ModelStore(store.root).newest_admitted())
+    same = _manifest(blob, version=3, created="2026-12-01T10:00:00.000+00:00").signed(key)
+    later = _manifest(blob, version=3, created="2026-12-01T10:00:00.001+00:00").signed(key)
+    assert check_manifest(same.to_json(), adm) == same  # its own re-send: equal times are not older
+    assert check_manifest(later.to_json(), adm) == later
+    with pytest.raises(ManifestRejected, match="older than the newest manifest this device admitted"):
+        check_manifest(_manifest(blob, version=9, created="2026-12-01T09:59:59.999+00:00").signed(key).to_json(), adm)
+    with pytest.raises(ManifestRejected, match="is not an ISO 8601 time"):
+        check_manifest(_manifest(blob, version=3, created="yesterday").signed(key).to_json(), adm)
+    (store.root / "admitted.json").write_text("[not an object")  # unreadable: treated as a fresh device
+    assert store.newest_admitted() is None
+
+
 # -- outbox -----------------------------------------------------------------------------------
 
 def test_outbox_is_bounded_ordered_and_survives_a_restart(tmp_path: Path) -> None:
