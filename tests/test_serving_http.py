@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from agent.model import LoadedModel, open_model
 from agent.serving import RecommendService
-from agent.serving.http import ServerHandle, start_http_server
+from agent.serving.http import ServerHandle, host_problem, start_http_server
 
 MAX_BODY = 4096
 JSON = {"Content-Type": "application/json"}
@@ -370,3 +370,28 @@ def _content_length(raw: bytes) -> int:
         if line.lower().startswith(b"content-length:"):
             return int(line.split(b":", 1)[1])
     return 0
+
+
+_HEADER_TEXT = st.text(st.characters(blacklist_categories=("Cc", "Cs")), max_size=40)
+
+
+@settings(max_examples=120, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(host=_HEADER_TEXT | st.sampled_from(["127.0.0.1:{port}", "localhost:{port}", "[::1]:{port}", "127.0.0.1",
+                                             "evil.example:{port}", "127.0.0.1:{port}:{port}", "[::1", ""]),
+       content_type=_HEADER_TEXT | st.sampled_from(["application/json", "application/json; charset=utf-8",
+                                                    "text/plain", "APPLICATION/JSON"]))
+def test_fuzzed_host_and_content_type_headers(server: ServerHandle, host: str, content_type: str) -> None:
+    """Only the bound address or localhost, and only JSON bodies, ever reach the model."""
+    host = host.format(port=server.port) if "{port}" in host else host
+    head = f"POST /recommend HTTP/1.1\r\nHost: {host}\r\nContent-Type: {content_type}\r\n"
+    body = b'{"history": []}'
+    raw = _raw(server, head.encode("utf-8") + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+               + body)
+    status, answer = _json_of(raw)
+    expected_host = host_problem(host, server._server.allowed_hosts, server.port, False) is None
+    expected_json = content_type.split(";", 1)[0].strip().lower() == "application/json"
+    if status == 200:
+        assert expected_host and expected_json, (host, content_type, answer)
+    else:
+        assert status in {400, 415, 421} and answer["error"], (status, answer)
+        assert not (expected_host and expected_json) or status == 400, (host, content_type, status, answer)
