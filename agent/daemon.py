@@ -460,7 +460,8 @@ class Agent:
         pointer = self.store.active()
         return Admission(device_id=self.device_id, server_key=self.server_key,
                          active_version=pointer.current.version if pointer else None,
-                         quota_bytes=self.config.quota_bytes, free_bytes=self.store.free_bytes())
+                         quota_bytes=self.config.quota_bytes, free_bytes=self.store.free_bytes(),
+                         newest_admitted=self.store.newest_admitted())
 
     def _on_manifest(self, payload: bytes) -> None:
         try:
@@ -484,6 +485,7 @@ class Agent:
             _LOGGER.warning("deployment_superseded old=%s new=%s", current.deployment_id, dep_id)
             self._finish(current, promoted=False, reason=f"superseded by {dep_id}")
         try:
+            self.store.note_admitted(manifest.created)
             receiver = Receiver.start(self.store, manifest)
         except StoreError as exc:
             self._event("manifest_rejected", deployment_id=dep_id, reason=f"{exc.kind}: {exc}",
@@ -674,13 +676,18 @@ class Agent:
                 return
             self._finish(dep, promoted=False, reason="cancelled by the server")
         elif command.command == "rollback":
-            self._rollback_to_previous()
+            self._rollback_to_previous(command.deployment_id)
 
-    def _rollback_to_previous(self) -> None:
+    def _rollback_to_previous(self, deployment_id: str | None) -> None:
+        """Undo the deployment the command names, only while it is the active one: a replayed
+        rollback must not undo a later promotion."""
         pointer = self.store.active()
         try:
             if pointer is None or pointer.previous is None:
                 raise StoreError("no previous model to roll back to")
+            if deployment_id is None or deployment_id != pointer.current.deployment_id:
+                raise StoreError(f"the command rolls back deployment {deployment_id}, the active model came from "
+                                 f"{pointer.current.deployment_id}")
             model = self._open_slot(pointer.previous)
             self.store.rollback()
         except (StoreError, ModelLoadError) as exc:

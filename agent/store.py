@@ -6,6 +6,7 @@ Layout (everything a power cut may interrupt is either atomic or re-derivable):
     staging/<deployment_id>/    manifest.json, data.bin (preallocated), bitmap.json (saved every few
                                 chunks, after fsyncing data.bin; re-verified on resume)
     finished.json               recently finished deployment ids (a redelivered manifest is ignored)
+    admitted.json               `created` of the newest manifest ever admitted (older ones are replays)
     outbox/                     reports waiting for the broker (agent.outbox)
 A slot is written into a temporary directory and renamed into place, so a half-written slot is
 never visible; the pointer is replaced with tmp + fsync + os.replace + fsync(dir).
@@ -37,6 +38,7 @@ ACTIVE_FILE = "active.json"
 SLOT_FILE = "slot.json"
 FINISHED_FILE = "finished.json"
 FINISHED_KEEP = 64
+ADMITTED_FILE = "admitted.json"
 # Staging flush policy: each flush costs two fsyncs and a directory fsync (~1.5 ms idle, 10+ ms on
 # a busy disk); doing that per 64 KiB chunk made the device the bottleneck of every transfer.
 FLUSH_EVERY = 32
@@ -273,6 +275,21 @@ class ModelStore:
             atomic_write_json(self.root / FINISHED_FILE, ids[-FINISHED_KEEP:])
         except OSError as exc:
             _LOGGER.warning("finished_list_write_failed deployment=%s error=%s", deployment_id, exc)
+
+    def newest_admitted(self) -> str | None:
+        """`created` of the newest manifest admitted on this device (None before the first one)."""
+        try:
+            value = json.loads((self.root / ADMITTED_FILE).read_text()).get("created")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return value if isinstance(value, str) else None
+
+    def note_admitted(self, created: str) -> None:
+        """Remember `created` of a manifest just admitted (the caller checked it is not older)."""
+        try:
+            atomic_write_json(self.root / ADMITTED_FILE, {"created": created})
+        except OSError as exc:
+            raise _disk_error(exc, "cannot record the admitted manifest") from exc
 
     # -- staging ----------------------------------------------------------------------------
     def staging(self, deployment_id: str) -> Path:

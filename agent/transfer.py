@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -64,6 +65,15 @@ class Admission:
     quota_bytes: int
     free_bytes: int
     limits: Limits = DEFAULT_LIMITS
+    # `created` of the newest manifest this device ever admitted (ModelStore.newest_admitted): an
+    # older one is a replay, whether or not its id is still in the bounded list of finished ones.
+    newest_admitted: str | None = None
+
+
+def created_time(created: str) -> datetime:
+    """A signed `created` field as an aware UTC time; ValueError if it is not ISO 8601."""
+    when = datetime.fromisoformat(created)
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when
 
 
 def check_manifest(payload: bytes, admission: Admission) -> Manifest:
@@ -85,6 +95,14 @@ def check_manifest(payload: bytes, admission: Admission) -> Manifest:
     if manifest.device_id != admission.device_id:
         raise ManifestRejected(f"manifest is for device {manifest.device_id!r}, this is {admission.device_id!r}",
                                manifest)
+    try:
+        created = created_time(manifest.created)
+    except ValueError as exc:
+        raise ManifestRejected(f"malformed manifest: created {manifest.created!r} is not an ISO 8601 time",
+                               manifest) from exc
+    if admission.newest_admitted is not None and created < created_time(admission.newest_admitted):
+        raise ManifestRejected(f"manifest created {manifest.created} is older than the newest manifest this device "
+                               f"admitted ({admission.newest_admitted}): a replay", manifest)
     active = admission.active_version
     if active is not None and manifest.version <= active and not manifest.rollback:
         raise ManifestRejected(f"version {manifest.version} is not newer than the active version {active} "

@@ -33,7 +33,7 @@ from protocol.messages import Command, Event, Manifest, Report, Verdict
 from protocol.topics import Topics
 from server import gate, reports
 from server.policy import Policy
-from server.registry import ACTIVE, ArtifactRecord, DeploymentRecord, Registry, RegistryError
+from server.registry import ACTIVE, ArtifactRecord, DeploymentRecord, DeviceRecord, Registry, RegistryError
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -83,11 +83,17 @@ class IncompatibleRuntimeError(DeployError):
 
 @dataclass(frozen=True)
 class DeployerConfig:
-    """Transfer parameters; `max_resends` bounds how often one chunk is sent again before giving up."""
+    """Transfer parameters; `max_resends` bounds how often one chunk is sent again before giving up.
+
+    `offline_grace_s`: how long a device may stay offline (its retained state or Last Will says so)
+    during a deployment before the deployment ends as `timeout` with that reason; long enough for an
+    agent restart or a reboot, short against the whole `deadline_s`.
+    """
 
     chunk_size: int = DEFAULT_LIMITS.default_chunk_bytes
     deadline_s: float = 1800.0
     max_resends: int = 10
+    offline_grace_s: float = 120.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.chunk_size <= DEFAULT_LIMITS.max_chunk_bytes:
@@ -96,6 +102,8 @@ class DeployerConfig:
             raise ValueError(f"deadline_s must be > 0, got {self.deadline_s}")
         if self.max_resends < 0:
             raise ValueError(f"max_resends must be >= 0, got {self.max_resends}")
+        if self.offline_grace_s <= 0:
+            raise ValueError(f"offline_grace_s must be > 0, got {self.offline_grace_s}")
 
 
 def runtime_incompatibility(artifact: ArtifactRecord, runtime_key: str | None) -> str | None:
@@ -448,12 +456,27 @@ class Deployer:
     def tick(self, now: float | None = None) -> None:
         """Start pending deployments (also those created by the CLI) and time out overdue ones."""
         now = time.time() if now is None else now
-        for dep in self.registry.deployments(active_only=True):
-            if dep.deadline < now:
-                if self._finish(dep, "timeout", f"no outcome within the deadline (last status {dep.status})"):
+        active = self.registry.deployments(active_only=True)
+        offline = {d.device_id: d for d in self.registry.offline_devices()} if active else {}
+        for dep in active:
+            gone = self._offline_too_long(dep, offline.get(dep.device_id), now)
+            if dep.deadline < now or gone:
+                why = gone or f"no outcome within the deadline (last status {dep.status})"
+                if self._finish(dep, "timeout", why):
                     self.send_command(dep.device_id, "cancel", dep.deployment_id)
             elif dep.status == "pending":
                 self.start(dep.deployment_id)
+
+    def _offline_too_long(self, dep: DeploymentRecord, device: DeviceRecord | None, now: float) -> str | None:
+        """Why the deployment cannot finish: its device has been offline for the grace period during it."""
+        if device is None:
+            return None
+        since = max(device.last_seen, dep.created)  # an offline state's arrival time, or the deployment's start
+        if now - since < self.config.offline_grace_s:
+            return None
+        return (f"device_offline: {dep.device_id} went offline at {_iso(device.last_seen)} (its retained state / "
+                f"Last Will) and did not come back within {self.config.offline_grace_s:.0f} s; last status "
+                f"{dep.status}")
 
     def resume(self) -> None:
         """After a (re)start: re-send what a device may be waiting for, per recorded status."""

@@ -357,6 +357,11 @@ class Registry:
     def devices(self) -> list[DeviceRecord]:
         return [DeviceRecord.from_row(r) for r in self.db.query("SELECT * FROM devices ORDER BY device_id")]
 
+    def offline_devices(self) -> list[DeviceRecord]:
+        """Devices whose last state said offline (a Last Will or a clean stop); `last_seen` is when."""
+        rows = self.db.query("SELECT * FROM devices WHERE status = ? ORDER BY device_id", ("offline",))
+        return [DeviceRecord.from_row(r) for r in rows]
+
     # ---- deployments -----------------------------------------------------------------------
     def create_deployment(self, artifact: ArtifactRecord, device_id: str, *, chunk_size: int,
                           policy: dict | None, deadline_s: float, status: str = "pending", reason: str = "",

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +15,9 @@ import pytest
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from server.mosquitto import MosquittoBroker  # noqa: E402
+from server.db import open_database  # noqa: E402
+from server.mosquitto import MosquittoBroker, free_port  # noqa: E402
+from server.registry import Registry  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,3 +79,56 @@ def tiny(tiny_reference_weights: tuple[list, object]) -> tuple[object, object]:
     model = build_reference(dataset.num_items, window=20, dim=16, hidden=32)
     model.set_weights(weights)
     return model, dataset
+
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+def _as_postgres(*cmd: str) -> subprocess.CompletedProcess:
+    """Run a PostgreSQL tool; as root it must run as the `postgres` user (initdb refuses root)."""
+    prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    return subprocess.run([*prefix, *cmd], capture_output=True, text=True, timeout=60, check=False)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A throwaway PostgreSQL cluster: initdb + pg_ctl start on a free port; yields its URL.
+
+    CI installs the `postgresql` Debian package; without it the tests using this FAIL with the fix, never skip.
+    """
+    if not (PG_BIN / "initdb").exists():
+        pytest.fail(f"PostgreSQL 15 is not installed ({PG_BIN}/initdb missing): apt-get install -y postgresql")
+    # Not under pytest's basetemp: that is private to root, and the server runs as `postgres`.
+    root = Path(tempfile.mkdtemp(prefix="edgeguide-pg-"))
+    data = root / "data"
+    data.mkdir(mode=0o700)
+    if _is_root():
+        shutil.chown(root, "postgres")
+        shutil.chown(data, "postgres")
+    done = _as_postgres(str(PG_BIN / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres")
+    assert done.returncode == 0, f"initdb failed:\n{done.stdout}\n{done.stderr}"
+    port = free_port()
+    opts = f"-p {port} -k {data} -c listen_addresses=127.0.0.1"
+    done = _as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(data), "-o", opts, "-l", str(data / "server.log"),
+                        "-w", "start")
+    assert done.returncode == 0, f"pg_ctl start failed:\n{done.stdout}\n{done.stderr}"
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        _as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _is_root() -> bool:
+    return os.geteuid() == 0
+
+
+@pytest.fixture
+def pg_registry(postgres_url: str, tmp_path: Path) -> Iterator[Registry]:
+    """A registry on the session's PostgreSQL, fresh schema (dropped tables): tests never see each other's rows."""
+    db = open_database(postgres_url)
+    for table in ("events", "rollout_devices", "rollouts", "deployments", "devices", "artifacts"):
+        db.execute(f"DROP TABLE IF EXISTS {table} CASCADE")
+    registry = Registry(tmp_path / "data", db=db)
+    yield registry
+    registry.close()

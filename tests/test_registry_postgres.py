@@ -5,71 +5,13 @@ CI installs the `postgresql` Debian package; without it this module FAILS with t
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import tempfile
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from server.db import PostgresDatabase, open_database
-from server.mosquitto import free_port
 from server.registry import Registry, RegistryError
-
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
-
-
-def _as_postgres(*cmd: str) -> subprocess.CompletedProcess:
-    """Run a PostgreSQL tool; as root it must run as the `postgres` user (initdb refuses root)."""
-    import os
-
-    prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    return subprocess.run([*prefix, *cmd], capture_output=True, text=True, timeout=60, check=False)
-
-
-@pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    """A throwaway PostgreSQL cluster: initdb + pg_ctl start on a free port; yields its URL."""
-    if not (PG_BIN / "initdb").exists():
-        pytest.fail(f"PostgreSQL 15 is not installed ({PG_BIN}/initdb missing): apt-get install -y postgresql")
-    # Not under pytest's basetemp: that is private to root, and the server runs as `postgres`.
-    root = Path(tempfile.mkdtemp(prefix="edgeguide-pg-"))
-    data = root / "data"
-    data.mkdir(mode=0o700)
-    if _is_root():
-        shutil.chown(root, "postgres")
-        shutil.chown(data, "postgres")
-    done = _as_postgres(str(PG_BIN / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres")
-    assert done.returncode == 0, f"initdb failed:\n{done.stdout}\n{done.stderr}"
-    port = free_port()
-    opts = f"-p {port} -k {data} -c listen_addresses=127.0.0.1"
-    done = _as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(data), "-o", opts, "-l", str(data / "server.log"),
-                        "-w", "start")
-    assert done.returncode == 0, f"pg_ctl start failed:\n{done.stdout}\n{done.stderr}"
-    try:
-        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
-    finally:
-        _as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def _is_root() -> bool:
-    import os
-
-    return os.geteuid() == 0
-
-
-@pytest.fixture
-def pg_registry(postgres_url: str, tmp_path: Path) -> Iterator[Registry]:
-    """A registry on a fresh schema (dropped tables) so tests do not see each other's rows."""
-    db = open_database(postgres_url)
-    for table in ("events", "rollout_devices", "rollouts", "deployments", "devices", "artifacts"):
-        db.execute(f"DROP TABLE IF EXISTS {table} CASCADE")
-    registry = Registry(tmp_path / "data", db=db)
-    yield registry
-    registry.close()
 
 
 def test_open_database_picks_postgres_for_a_url(postgres_url: str) -> None:
