@@ -136,7 +136,8 @@ class Agent:
         self._open_active()
         if self.config.http_port is not None:
             from agent.serving.http import start_http_server
-            self.http = start_http_server(self.service, self.config.http_host, self.config.http_port)
+            self.http = start_http_server(self.service, self.config.http_host, self.config.http_port,
+                                          allowed_hosts=self.config.allowed_hosts)
         down = self.topics.device_down_filter(self.device_id)
         self.link.subscribe(down, self._on_message, qos=1)
         self.link.add_connect_listener(lambda: self._queue.put(_Work("connected")))

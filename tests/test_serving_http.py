@@ -395,3 +395,13 @@ def test_fuzzed_host_and_content_type_headers(server: ServerHandle, host: str, c
     else:
         assert status in {400, 415, 421} and answer["error"], (status, answer)
         assert not (expected_host and expected_json) or status == 400, (host, content_type, status, answer)
+
+
+def test_extra_host_names_can_be_allowed(model: LoadedModel) -> None:
+    """A LAN bind reached as pi-01.local: the operator names it, every other name stays refused."""
+    service = RecommendService()
+    service.swap(open_model(model.path, model_id="tiny", version=6))
+    with start_http_server(service, allowed_hosts=["Pi-01.local"]) as handle:
+        assert _request(handle, "GET", "/model", None, {"Host": f"pi-01.local:{handle.port}"})[0] == 200
+        assert _request(handle, "GET", "/model", None, {"Host": f"pi-02.local:{handle.port}"})[0] == 421
+    service.close()

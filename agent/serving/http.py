@@ -23,6 +23,7 @@ import logging
 import queue
 import socket
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -52,7 +53,7 @@ class _Server(HTTPServer):
     request_queue_size = 128  # listen backlog: a burst is accepted at once, then queued or refused
 
     def __init__(self, address: tuple[str, int], service: RecommendService, max_body: int,
-                 io_timeout_s: float, workers: int, queue_size: int) -> None:
+                 io_timeout_s: float, workers: int, queue_size: int, allowed_hosts: Iterable[str] = ()) -> None:
         self.service = service
         self.max_body = max_body
         self.io_timeout_s = io_timeout_s
@@ -60,7 +61,7 @@ class _Server(HTTPServer):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
-        self.allowed_hosts = _allowed_hosts(address[0], int(self.server_address[1]))
+        self.allowed_hosts = _allowed_hosts(address[0]) | {h.lower() for h in allowed_hosts}
         self._jobs: queue.Queue[tuple[Any, Any] | None] = queue.Queue(maxsize=queue_size)
         self._workers = [threading.Thread(target=self._work, name=f"edgeguide-http-worker-{i}", daemon=True)
                          for i in range(workers)]
@@ -124,7 +125,7 @@ def _refuse_busy(request: socket.socket) -> None:
         pass
 
 
-def _allowed_hosts(host: str, port: int) -> frozenset[str]:
+def _allowed_hosts(host: str) -> frozenset[str]:
     """Host header values (without port, lower case) a request to this server may carry."""
     names = {"localhost", host.lower().strip("[]")}
     try:
@@ -422,11 +423,13 @@ class ServerHandle:
 
 def start_http_server(service: RecommendService, host: str = "127.0.0.1", port: int = 0,
                       max_body: int = DEFAULT_MAX_BODY, *, io_timeout_s: float = DEFAULT_IO_TIMEOUT_S,
-                      workers: int = DEFAULT_WORKERS, queue_size: int = DEFAULT_QUEUE) -> ServerHandle:
+                      workers: int = DEFAULT_WORKERS, queue_size: int = DEFAULT_QUEUE,
+                      allowed_hosts: Iterable[str] = ()) -> ServerHandle:
     """Serve `service` on host:port (0 = any free port) and return its handle.
 
     One accept thread plus `workers` pooled threads, whatever the number of connections; at most
-    `queue_size` connections wait for a worker, more are answered 503 at once.
+    `queue_size` connections wait for a worker, more are answered 503 at once. The Host header
+    must name `host`, localhost or one of `allowed_hosts` (421 otherwise).
     """
     if not 0 <= port <= 65535:
         raise ValueError(f"port must be in 0..65535, got {port}")
@@ -439,7 +442,7 @@ def start_http_server(service: RecommendService, host: str = "127.0.0.1", port: 
     if not _is_loopback(host):
         _LOGGER.warning("http_public_bind host=%s: the recommendation API has no authentication", host)
     try:
-        server = _Server((host, port), service, max_body, io_timeout_s, workers, queue_size)
+        server = _Server((host, port), service, max_body, io_timeout_s, workers, queue_size, allowed_hosts)
     except OSError as exc:
         raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from exc
     bound_port = int(server.server_address[1])
