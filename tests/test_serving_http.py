@@ -6,6 +6,7 @@ import http.client
 import json
 import re
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -320,8 +321,6 @@ def test_a_preflight_gets_no_cors_permission(server: ServerHandle) -> None:
 
 
 def _server_threads() -> int:
-    import threading
-
     return sum(1 for t in threading.enumerate() if t.name.startswith("edgeguide-http") or "process_request" in t.name)
 
 
@@ -405,3 +404,21 @@ def test_extra_host_names_can_be_allowed(model: LoadedModel) -> None:
         assert _request(handle, "GET", "/model", None, {"Host": f"pi-01.local:{handle.port}"})[0] == 200
         assert _request(handle, "GET", "/model", None, {"Host": f"pi-02.local:{handle.port}"})[0] == 421
     service.close()
+
+
+def test_stop_does_not_wait_for_idle_keep_alive_clients(model: LoadedModel) -> None:
+    service = RecommendService()
+    service.swap(open_model(model.path, model_id="tiny", version=7))
+    handle = start_http_server(service, io_timeout_s=30.0)
+    conn = http.client.HTTPConnection("127.0.0.1", handle.port, timeout=10)
+    try:
+        conn.request("GET", "/healthz")
+        assert conn.getresponse().read()  # the connection stays open, its worker waits for more
+        started = time.monotonic()
+        handle.stop()
+        assert time.monotonic() - started < 3.0
+        left = [t.name for t in threading.enumerate() if t.name.startswith(f"edgeguide-http-{handle.port}")]
+        assert not left, left  # the accept thread and every worker ended
+    finally:
+        conn.close()
+        service.close()

@@ -17,6 +17,7 @@ The API has no authentication, so it binds to loopback unless told otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import logging
@@ -63,8 +64,10 @@ class _Server(HTTPServer):
         super().__init__(address, _Handler)
         self.allowed_hosts = _allowed_hosts(address[0]) | {h.lower() for h in allowed_hosts}
         self._jobs: queue.Queue[tuple[Any, Any] | None] = queue.Queue(maxsize=queue_size)
-        self._workers = [threading.Thread(target=self._work, name=f"edgeguide-http-worker-{i}", daemon=True)
-                         for i in range(workers)]
+        self._active: set[socket.socket] = set()  # connections being served, closed at shutdown
+        self._active_lock = threading.Lock()
+        prefix = f"edgeguide-http-{self.server_address[1]}-worker"
+        self._workers = [threading.Thread(target=self._work, name=f"{prefix}-{i}", daemon=True) for i in range(workers)]
         for thread in self._workers:
             thread.start()
 
@@ -84,11 +87,15 @@ class _Server(HTTPServer):
     def _work(self) -> None:
         while (job := self._jobs.get()) is not None:
             request, client_address = job
+            with self._active_lock:
+                self._active.add(request)
             try:
                 self.finish_request(request, client_address)
             except Exception:
                 self.handle_error(request, client_address)
             finally:
+                with self._active_lock:
+                    self._active.discard(request)
                 self.shutdown_request(request)
 
     def server_close(self) -> None:
@@ -103,8 +110,12 @@ class _Server(HTTPServer):
                 self.shutdown_request(job[0])
         for _ in self._workers:
             self._jobs.put(None)
+        with self._active_lock:  # an idle keep-alive or stalled client must not hold up the stop
+            for request in list(self._active):
+                with contextlib.suppress(OSError):
+                    request.shutdown(socket.SHUT_RDWR)
         for thread in self._workers:
-            thread.join(self.io_timeout_s + 1.0)
+            thread.join(2.0)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # The handler already answers 500 for its own failures; this only sees socket trouble.
