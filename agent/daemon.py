@@ -51,6 +51,7 @@ from protocol.schema import decode_object
 _LOGGER = logging.getLogger(__name__)
 
 _STOP = object()
+EVENT_REASON_MAX_CHARS = 1000  # an event's reason text is cut to this (error texts can quote payloads)
 # While awaiting a verdict the report is published again this often (and on every reconnect):
 # mosquitto 2.0 does not restore `$share` subscriptions after a restart, so a report sent before
 # the server re-subscribed is dropped by the broker even though it acknowledged it. The server
@@ -135,7 +136,8 @@ class Agent:
         self._open_active()
         if self.config.http_port is not None:
             from agent.serving.http import start_http_server
-            self.http = start_http_server(self.service, self.config.http_host, self.config.http_port)
+            self.http = start_http_server(self.service, self.config.http_host, self.config.http_port,
+                                          allowed_hosts=self.config.allowed_hosts)
         down = self.topics.device_down_filter(self.device_id)
         self.link.subscribe(down, self._on_message, qos=1)
         self.link.add_connect_listener(lambda: self._queue.put(_Work("connected")))
@@ -306,7 +308,7 @@ class Agent:
     def _event(self, type_: str, *, deployment_id: str | None = None, reason: str | None = None,
                missing: list[int] | None = None, version: int | None = None, durable: bool = False) -> None:
         event = Event(device_id=self.device_id, type=type_, deployment_id=deployment_id,
-                      reason=reason[:1000] if reason else None, missing=missing, version=version)
+                      reason=reason[:EVENT_REASON_MAX_CHARS] if reason else None, missing=missing, version=version)
         _LOGGER.info("event type=%s deployment=%s version=%s reason=%s missing=%s", type_, deployment_id, version,
                      reason, len(missing) if missing is not None else None)
         if durable:
