@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-key", type=Path, help="private key (PEM) of --tls-cert")
     p.add_argument("--topic-prefix", help="MQTT topic prefix (default edgeguide)")
     p.add_argument("--http-host", help="address the recommendation API listens on (default 127.0.0.1)")
+    p.add_argument("--http-allowed-hosts", help="comma-separated host names the API also answers to (e.g. "
+                                                "pi-01.local for a LAN bind); other names get 421")
     p.add_argument("--http-port", help="port of the recommendation API (default 8700, 0 = any free port, "
                    "none = no HTTP server)")
     p.add_argument("--threads", type=int, help="interpreter threads for serving and measuring (default 1)")
@@ -83,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _OVERRIDES = ("device_id", "broker_url", "state_dir", "server_key", "username", "password", "tls_ca", "tls_cert",
-              "tls_key", "topic_prefix", "http_host", "http_port", "threads", "quota_bytes", "measure_mode",
-              "verdict_timeout_s", "heartbeat_s", "chunk_stall_s", "outbox_max_bytes", "runtime",
+              "tls_key", "topic_prefix", "http_host", "http_allowed_hosts", "http_port", "threads", "quota_bytes",
+              "measure_mode", "verdict_timeout_s", "heartbeat_s", "chunk_stall_s", "outbox_max_bytes", "runtime",
               "mqtt_protocol", "report_resend_s")
 
 

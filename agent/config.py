@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -21,6 +22,7 @@ from protocol import names, signing
 from protocol.errors import ProtocolError
 from protocol.limits import DEFAULT_LIMITS, MIB
 from protocol.mqtt import BrokerAddress
+from protocol.redact import redact_text
 from protocol.topics import Topics
 
 _LOGGER = logging.getLogger(__name__)
@@ -30,14 +32,15 @@ MEASURE_MODES = ("quick", "full")
 MQTT_PROTOCOLS = ("auto", "5", "3.1.1")
 _PATH_FIELDS = {"state_dir", "server_key", "tls_ca", "tls_cert", "tls_key"}
 _SECRET_FIELDS = {"password"}
+_HOST_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,62}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,62}[a-z0-9])?)*$")
 
 
 class ConfigError(ValueError):
     """The configuration is invalid; the message lists every problem found."""
 
     def __init__(self, problems: list[str]) -> None:
-        self.problems = problems
-        super().__init__("invalid agent configuration:\n  - " + "\n  - ".join(problems))
+        self.problems = [redact_text(p) for p in problems]  # a bad broker URL must not print its password
+        super().__init__("invalid agent configuration:\n  - " + "\n  - ".join(self.problems))
 
 
 @dataclass
@@ -56,6 +59,9 @@ class AgentConfig:
     topic_prefix: str = "edgeguide"
     http_host: str = "127.0.0.1"
     http_port: int | None = 8700  # 0 = any free port, None = no HTTP server
+    # Host names (comma-separated) the HTTP API answers to besides its address and localhost, e.g.
+    # "pi-01.local" for a LAN bind; any other name in the Host header is refused (DNS rebinding).
+    http_allowed_hosts: str = ""
     threads: int = 1
     quota_bytes: int = 64 * MIB
     measure_mode: str = "quick"
@@ -105,6 +111,9 @@ class AgentConfig:
             problems.append("password given without username")
         if self.http_port is not None and not 0 <= self.http_port <= 65535:
             problems.append(f"http_port: must be in 0..65535 (0 = any free port), got {self.http_port}")
+        bad_hosts = [h for h in self.allowed_hosts if not _HOST_NAME.fullmatch(h)]
+        if bad_hosts:
+            problems.append(f"http_allowed_hosts: not host names: {bad_hosts!r:.200}")
         if not 1 <= self.threads <= 64:
             problems.append(f"threads: must be in 1..64, got {self.threads}")
         if not 1 <= self.quota_bytes <= DEFAULT_LIMITS.max_artifact_bytes:
@@ -136,8 +145,15 @@ class AgentConfig:
                 value = str(value)
             if f.name in _SECRET_FIELDS and value and mask_secrets:
                 value = "***"
+            elif isinstance(value, str) and mask_secrets:
+                value = redact_text(value)  # e.g. a password inside broker_url
             out[f.name] = value
         return out
+
+    @property
+    def allowed_hosts(self) -> list[str]:
+        """`http_allowed_hosts` as a list of lower-case names."""
+        return [h.strip().lower() for h in self.http_allowed_hosts.split(",") if h.strip()]
 
     @property
     def topics(self) -> Topics:

@@ -44,10 +44,14 @@ from protocol.errors import ProtocolError, SignatureError
 from protocol.limits import DEFAULT_LIMITS
 from protocol.messages import Command, DeviceState, Event, Heartbeat, Report, Verdict
 from protocol.mqtt import ConnectError, MqttLink
+from protocol.names import peek_deployment_id
+from protocol.redact import redact_url
+from protocol.schema import decode_object
 
 _LOGGER = logging.getLogger(__name__)
 
 _STOP = object()
+EVENT_REASON_MAX_CHARS = 1000  # an event's reason text is cut to this (error texts can quote payloads)
 # While awaiting a verdict the report is published again this often (and on every reconnect):
 # mosquitto 2.0 does not restore `$share` subscriptions after a restart, so a report sent before
 # the server re-subscribed is dropped by the broker even though it acknowledged it. The server
@@ -125,14 +129,15 @@ class Agent:
     def start(self) -> None:
         """Open the active model, start serving, resume staging, then connect in the background."""
         _LOGGER.info("agent_starting device=%s broker=%s state_dir=%s runtime=%s", self.device_id,
-                     self.config.broker_url, self.config.state_dir, self.runtime)
+                     redact_url(self.config.broker_url), self.config.state_dir, self.runtime)
         if self._power_source == "detect":
             from agent.measure import detect_power_source
             self._power_source = detect_power_source()
         self._open_active()
         if self.config.http_port is not None:
             from agent.serving.http import start_http_server
-            self.http = start_http_server(self.service, self.config.http_host, self.config.http_port)
+            self.http = start_http_server(self.service, self.config.http_host, self.config.http_port,
+                                          allowed_hosts=self.config.allowed_hosts)
         down = self.topics.device_down_filter(self.device_id)
         self.link.subscribe(down, self._on_message, qos=1)
         self.link.add_connect_listener(lambda: self._queue.put(_Work("connected")))
@@ -259,10 +264,10 @@ class Agent:
                 self.last_error = str(exc)
                 if exc.refused_credentials:
                     _LOGGER.error("broker_refused_credentials broker=%s reason=%s: not retrying",
-                                  self.config.broker_url, exc.reason)
+                                  redact_url(self.config.broker_url), exc.reason)
                     return
-                _LOGGER.warning("broker_unreachable broker=%s error=%s retry_in_s=%.0f", self.config.broker_url,
-                                exc, delay)
+                _LOGGER.warning("broker_unreachable broker=%s error=%s retry_in_s=%.0f",
+                                redact_url(self.config.broker_url), exc, delay)
                 self._stop.wait(delay)
                 delay = min(60.0, delay * 2)
 
@@ -303,7 +308,7 @@ class Agent:
     def _event(self, type_: str, *, deployment_id: str | None = None, reason: str | None = None,
                missing: list[int] | None = None, version: int | None = None, durable: bool = False) -> None:
         event = Event(device_id=self.device_id, type=type_, deployment_id=deployment_id,
-                      reason=reason[:1000] if reason else None, missing=missing, version=version)
+                      reason=reason[:EVENT_REASON_MAX_CHARS] if reason else None, missing=missing, version=version)
         _LOGGER.info("event type=%s deployment=%s version=%s reason=%s missing=%s", type_, deployment_id, version,
                      reason, len(missing) if missing is not None else None)
         if durable:
@@ -463,8 +468,7 @@ class Agent:
         try:
             manifest = check_manifest(payload, self._admission())
         except ManifestRejected as exc:
-            dep_id = exc.manifest.deployment_id if exc.manifest else _peek_deployment_id(payload)
-            self._event("manifest_rejected", deployment_id=dep_id, reason=exc.reason,
+            self._event("manifest_rejected", deployment_id=exc.deployment_id, reason=exc.reason,
                         version=exc.manifest.version if exc.manifest else None)
             return
         dep_id = manifest.deployment_id
@@ -577,14 +581,16 @@ class Agent:
 
     def _on_verdict(self, payload: bytes) -> None:
         dep = self.deployment
+        obj = None  # decoded once: a payload refused for size or JSON is never parsed again
         try:
-            verdict = Verdict.from_json(payload)
+            obj = decode_object(payload, "verdict", DEFAULT_LIMITS.max_json_bytes)
+            verdict = Verdict.from_dict(obj)
             verdict.verify(self.server_key)
         except SignatureError as exc:
-            self._event("verdict_rejected", deployment_id=_peek_deployment_id(payload), reason=f"bad signature: {exc}")
+            self._event("verdict_rejected", deployment_id=peek_deployment_id(obj), reason=f"bad signature: {exc}")
             return
         except ProtocolError as exc:
-            self._event("verdict_rejected", deployment_id=_peek_deployment_id(payload), reason=f"malformed: {exc}")
+            self._event("verdict_rejected", deployment_id=peek_deployment_id(obj), reason=f"malformed: {exc}")
             return
         problem = None
         if verdict.device_id != self.device_id:
@@ -701,19 +707,6 @@ class Agent:
             beat = Heartbeat(device_id=self.device_id, uptime_s=round(time.monotonic() - self.started_at, 3),
                              active_version=model.version if model else None, last_error=self.last_error)
             self._publish("heartbeat", beat.to_json())
-
-
-def _peek_deployment_id(payload: bytes) -> str | None:
-    """Best-effort deployment id of a message we refuse, so the server can match the event."""
-    try:
-        value = json.loads(payload).get("deployment_id")
-    except (ValueError, AttributeError, TypeError):
-        return None
-    try:
-        from protocol import names
-        return names.deployment_id(value)
-    except ProtocolError:
-        return None
 
 
 def _finite(obj: Any) -> Any:

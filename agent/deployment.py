@@ -158,17 +158,17 @@ def evaluate_candidate(deployment: Deployment, store: ModelStore, settings: Eval
     m = deployment.manifest
     started = time.perf_counter()
     try:
-        blob = deployment.receiver.assemble()
+        packed = deployment.receiver.verified_path()  # hashed and unpacked from disk, never whole in memory
     except Exception as exc:
         return failed_evaluation(deployment, settings, exc, "verify_error", runtime_info)
     try:
-        candidate = store.install_candidate(blob, model_id=m.model_id, version=m.version,
+        candidate = store.install_candidate(packed, model_id=m.model_id, version=m.version,
                                             deployment_id=m.deployment_id,
-                                            max_unpacked_bytes=settings.max_unpacked_bytes)
+                                            max_unpacked_bytes=settings.max_unpacked_bytes,
+                                            declared_size=m.unpacked_size)
     except Exception as exc:
         return failed_evaluation(deployment, settings, exc, "load_error", runtime_info,
                                  prefix="cannot install the candidate: ")
-    del blob
     install_ms = (time.perf_counter() - started) * 1000.0  # whole-file check + unpack + fsync + rename
     slot_dir = store.model_dir(candidate)
     model_bytes = _size_or_none(slot_dir / artifact.MODEL_FILE)

@@ -186,14 +186,17 @@ class ModelStore:
         _LOGGER.info("active_pointer slot=%s model_id=%s version=%s previous=%s", current.slot, current.model_id,
                      current.version, previous.version if previous else None)
 
-    def install_candidate(self, blob: bytes, *, model_id: str, version: int, deployment_id: str,
-                          max_unpacked_bytes: int) -> SlotRef:
-        """Unpack a verified artifact into the inactive slot (tmp dir, fsync, rename); active untouched."""
+    def install_candidate(self, blob: bytes | Path, *, model_id: str, version: int, deployment_id: str,
+                          max_unpacked_bytes: int, declared_size: int | None = None) -> SlotRef:
+        """Unpack a verified artifact (bytes or its file) into the inactive slot (tmp dir, fsync, rename).
+
+        The active slot is untouched; `declared_size` is the manifest's unpacked_size, when given.
+        """
         slot = self.inactive_slot()
         ref = SlotRef(slot, model_id, version, deployment_id)
         tmp = self.slots_dir / f".tmp-{slot}-{uuid.uuid4().hex[:8]}"
         try:
-            artifact.unpack_artifact(blob, tmp, max_unpacked_bytes)
+            artifact.unpack_artifact(blob, tmp, max_unpacked_bytes, declared_size=declared_size)
             atomic_write_json(tmp / SLOT_FILE, ref.to_dict())
             fsync_dir(tmp)
         except ProtocolError as exc:

@@ -12,6 +12,7 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -20,6 +21,8 @@ from protocol import chunking
 from protocol.errors import ProtocolError, SignatureError
 from protocol.limits import DEFAULT_LIMITS, Limits
 from protocol.messages import Manifest
+from protocol.names import peek_deployment_id
+from protocol.schema import decode_object
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -31,10 +34,12 @@ DISK_FACTOR = 3
 class ManifestRejected(Exception):
     """A manifest the device refuses; `reason` goes into the manifest_rejected event verbatim."""
 
-    def __init__(self, reason: str, manifest: Manifest | None = None) -> None:
+    def __init__(self, reason: str, manifest: Manifest | None = None, deployment_id: str | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
         self.manifest = manifest
+        # Best effort for a manifest that decoded but failed its schema, so the server can match the event.
+        self.deployment_id = manifest.deployment_id if manifest is not None else deployment_id
 
 
 class ChunkRejected(Exception):
@@ -73,10 +78,16 @@ def created_time(created: str) -> datetime:
 
 def check_manifest(payload: bytes, admission: Admission) -> Manifest:
     """Decode and admit a manifest, or raise ManifestRejected naming the reason and the values."""
+    # Decoded once: a payload refused for its size or its JSON is never parsed again (not even to
+    # find its deployment id), and the id of one that fails the schema comes from this same dict.
     try:
-        manifest = Manifest.from_json(payload, max_bytes=admission.limits.max_manifest_bytes)
+        obj = decode_object(payload, "manifest", admission.limits.max_manifest_bytes)
     except ProtocolError as exc:
         raise ManifestRejected(f"malformed manifest: {exc}") from exc
+    try:
+        manifest = Manifest.from_dict(obj)
+    except ProtocolError as exc:
+        raise ManifestRejected(f"malformed manifest: {exc}", deployment_id=peek_deployment_id(obj)) from exc
     try:
         manifest.verify(admission.server_key)
     except SignatureError as exc:
@@ -96,14 +107,19 @@ def check_manifest(payload: bytes, admission: Admission) -> Manifest:
     if active is not None and manifest.version <= active and not manifest.rollback:
         raise ManifestRejected(f"version {manifest.version} is not newer than the active version {active} "
                                f"(set rollback to install an older model)", manifest)
+    lim = admission.limits
+    if manifest.unpacked_size is not None and manifest.unpacked_size > lim.max_unpacked_bytes:
+        raise ManifestRejected(f"unpacked_size {manifest.unpacked_size} exceeds the limit of {lim.max_unpacked_bytes} "
+                               "bytes", manifest)
     if manifest.total_size > admission.quota_bytes:
         raise ManifestRejected(f"total_size {manifest.total_size} exceeds the device quota {admission.quota_bytes}",
                                manifest)
     needed = manifest.total_size * DISK_FACTOR
+    if manifest.unpacked_size is not None:  # blob + its files + slack, when the manifest says how big they are
+        needed = max(needed, manifest.total_size * (DISK_FACTOR - 1) + manifest.unpacked_size)
     if needed > admission.free_bytes:
         raise ManifestRejected(f"not enough free disk: need ~{needed} bytes for total_size {manifest.total_size}, "
                                f"{admission.free_bytes} free", manifest)
-    lim = admission.limits
     if not 1 <= manifest.chunk_size <= lim.max_chunk_bytes or manifest.chunk_count > lim.max_chunks:
         raise ManifestRejected(f"chunk_size {manifest.chunk_size} x {manifest.chunk_count} chunks outside limits "
                                f"(chunk <= {lim.max_chunk_bytes}, count <= {lim.max_chunks})", manifest)
@@ -176,13 +192,22 @@ class Receiver:
         self.staging.write_chunk(chunk.index, chunk.data)
         return True
 
-    def assemble(self) -> bytes:
-        """The whole verified blob (raises VerifyError if the file's SHA-256 is not the manifest's)."""
+    def verified_path(self) -> Path:
+        """The staged file, hashed in 1 MiB steps (VerifyError unless it is the manifest's SHA-256)."""
         if not self.complete:
             raise VerifyError(f"{self.deployment_id}: {len(self.missing())} chunks still missing")
-        blob = self.staging.read_blob()
-        digest = hashlib.sha256(blob).hexdigest()
-        if len(blob) != self.manifest.total_size or digest != self.manifest.sha256:
-            raise VerifyError(f"{self.deployment_id}: assembled {len(blob)} bytes with sha256 {digest}, manifest says "
+        path = self.staging.path / self.staging.DATA
+        hasher, size = hashlib.sha256(), 0
+        with open(path, "rb") as fh:
+            while piece := fh.read(1 << 20):
+                hasher.update(piece)
+                size += len(piece)
+        digest = hasher.hexdigest()
+        if size != self.manifest.total_size or digest != self.manifest.sha256:
+            raise VerifyError(f"{self.deployment_id}: assembled {size} bytes with sha256 {digest}, manifest says "
                               f"{self.manifest.total_size} bytes with sha256 {self.manifest.sha256}")
-        return blob
+        return path
+
+    def assemble(self) -> bytes:
+        """The whole verified blob (raises VerifyError if the file's SHA-256 is not the manifest's)."""
+        return self.verified_path().read_bytes()

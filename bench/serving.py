@@ -318,7 +318,8 @@ def measure_swaps(artifact_a: Path, artifact_b: Path, threads: int, swaps: int, 
             i += 1
             t0 = time.perf_counter_ns()
             try:
-                conn.request("POST", "/recommend", body=bodies[i % len(bodies)])
+                conn.request("POST", "/recommend", body=bodies[i % len(bodies)],
+                             headers={"Content-Type": "application/json"})
                 response = conn.getresponse()
                 payload = response.read()
                 elapsed = time.perf_counter_ns() - t0
@@ -386,7 +387,8 @@ def _child(kind: str, artifact_dir: Path, threads: int) -> dict[str, Any]:
         conn = http.client.HTTPConnection("127.0.0.1", handle.port, timeout=10)
         for i in range(300):
             service.recommend(codes[i % len(codes)])
-            conn.request("POST", "/recommend", body=json.dumps({"history": codes[i % len(codes)]}).encode())
+            conn.request("POST", "/recommend", body=json.dumps({"history": codes[i % len(codes)]}).encode(),
+                         headers={"Content-Type": "application/json"})
             conn.getresponse().read()
         conn.close()
         rss = _rss_mib()

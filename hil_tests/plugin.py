@@ -1,8 +1,11 @@
 """pytest plugin of the HIL suite: target selection, the device fixtures, restart skips, the report.
 
 Load it with `-p hil_tests.plugin`. `--hil-target local` (default) starts one agent per device
-profile on this machine; `--hil-target remote --broker URL --device ID` drives a device that
-already runs `edgeguide-agent`. Test bodies get a `hil` Rig either way. Tests that restart the
+profile on this machine; `--hil-target remote --broker URL --device ID[,ID...]` drives devices that
+already run `edgeguide-agent` (several: one after the other, each its own profile named by its id).
+`--hil-emulated WHAT` marks remote devices as emulated: the gate then uses the emulated policy
+and the report says their timings and memory are not device figures. Test bodies get a `hil` Rig
+either way. Tests that restart the
 agent carry `@pytest.mark.hil_restart` and are skipped, with the fix, when a remote target has no
 `--hil-restart-cmd`. Every run that selected HIL tests writes `--hil-report` (JSON + Markdown).
 """
@@ -35,6 +38,9 @@ _LOGGER = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
 RESTART_MARKER = "hil_restart"
+REMOTE_PROFILE = "remote"  # the profile name of a run against one remote device
+EMULATED_NOTE = ("timings and memory are emulated ({how}), not device speed or device memory; the gate used "
+                 "the emulated policy")
 _SETTINGS = pytest.StashKey["HilSettings"]()
 _REPORT = pytest.StashKey[HilReport]()
 
@@ -54,6 +60,17 @@ class HilSettings:
     server_dir: Path | None
     topic_prefix: str
     tls_ca: str | None = None
+    devices: tuple[str, ...] = ()
+    device_urls: tuple[str | None, ...] = ()
+    emulated: str | None = None
+
+    def remote(self, profile: str) -> tuple[str, str | None, str | None]:
+        """Device id, restart command ({device} filled in) and HTTP URL of a remote profile."""
+        index = 0 if profile == REMOTE_PROFILE else self.devices.index(profile)
+        device = self.devices[index]
+        restart = self.restart_cmd.replace("{device}", device) if self.restart_cmd else None
+        http = self.device_urls[index] if index < len(self.device_urls) else None
+        return device, restart, http
 
     def summary(self) -> dict[str, Any]:
         """For the report: plain values, the broker password masked."""
@@ -80,7 +97,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "device already running edgeguide-agent (needs --broker and --device)")
     group.addoption("--broker", default=None, help="broker URL mqtt://HOST:PORT (local default: a mosquitto "
                     "started for the session; remote: the broker the device uses)")
-    group.addoption("--device", default=None, help="remote target: the device's --device-id")
+    group.addoption("--device", default=None, help="remote target: the device's --device-id, or several "
+                    "separated by commas (each becomes a profile named by its id)")
     group.addoption("--hil-profile", default="all",
                     help=f"local device profile(s): {', '.join(PROFILES)}, a comma list, or all (default)")
     group.addoption("--hil-quick", dest="hil_mode", action="store_const", const="quick", default="quick",
@@ -89,13 +107,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="full measurement (>= 1024 runs and >= 60 s per model, MLPerf rules); slow")
     group.addoption("--hil-restart-cmd", default=None,
                     help="remote target: shell command that restarts the agent, e.g. "
-                         "'ssh pi sudo systemctl restart edgeguide-agent'")
+                         "'ssh pi sudo systemctl restart edgeguide-agent'; {device} is replaced by the device id")
     group.addoption("--hil-report", default="reports/hil-report.json",
                     help="where to write the HIL report (a .md twin goes next to it)")
     group.addoption("--hil-device-http", default=None,
                     help="remote target: base URL of the device's recommendation API as reachable from here "
-                         "(e.g. http://127.0.0.1:8700 through ssh -L 8700:127.0.0.1:8700 pi); without it the "
-                         "serving checks use the device's reports")
+                         "(e.g. http://127.0.0.1:8700 through ssh -L 8700:127.0.0.1:8700 pi); with several "
+                         "devices a comma list in the same order; without it the serving checks use the "
+                         "device's reports")
     group.addoption("--hil-server-dir", default=None,
                     help="data dir of the server the suite runs (registry + signing key). Remote: the one whose "
                          "public key the device pins (default $EDGEGUIDE_DATA_DIR or ~/.local/share/edgeguide); "
@@ -104,17 +123,30 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="remote target: the device's topic prefix (default edgeguide)")
     group.addoption("--hil-tls-ca", default=None,
                     help="CA certificate (PEM) of an mqtts:// broker, for the suite's server and broker watch")
+    group.addoption("--hil-emulated", default=None, metavar="WHAT",
+                    help="remote target: the devices run under emulation (e.g. 'qemu-user 7.2, aarch64 on "
+                         "x86_64'); the gate uses hil_tests/emulated_policy.toml and the report marks their "
+                         "timings and memory as emulated")
 
 
 def _settings(config: pytest.Config) -> HilSettings:
     opt = config.option
     target = opt.hil_target
     problems = []
+    devices = tuple(d.strip() for d in (opt.device or "").split(",") if d.strip())
+    http = tuple(u.strip() or None for u in opt.hil_device_http.split(",")) if opt.hil_device_http else ()
     if target == "remote":
-        if not opt.broker or not opt.device:
+        if not opt.broker or not devices:
             problems.append("--hil-target remote needs --broker URL and --device ID (the device's --device-id)")
-        profiles: tuple[str, ...] = ("remote",)
+        profiles: tuple[str, ...] = devices if len(devices) > 1 else (REMOTE_PROFILE,)
+        if len(set(devices)) != len(devices):
+            problems.append(f"--device names a device twice: {opt.device}")
+        if http and len(http) != len(devices):
+            problems.append(f"--hil-device-http has {len(http)} URL(s) for {len(devices)} device(s); give one per "
+                            "device, in the same order (an empty entry for a device without one)")
     else:
+        if opt.hil_emulated:
+            problems.append("--hil-emulated applies to remote targets (local agents run natively)")
         try:
             profiles = tuple(p.name for p in select_profiles(opt.hil_profile))
         except ValueError as exc:
@@ -125,9 +157,9 @@ def _settings(config: pytest.Config) -> HilSettings:
             BrokerAddress.parse(opt.broker)
         except ValueError as exc:
             problems.append(f"--broker: {exc}")
-    if opt.device:
+    for device in devices:
         try:
-            names.device_id(opt.device)
+            names.device_id(device)
         except ProtocolError as exc:
             problems.append(f"--device: {exc}")
     server_dir = Path(opt.hil_server_dir).expanduser() if opt.hil_server_dir else None
@@ -141,7 +173,8 @@ def _settings(config: pytest.Config) -> HilSettings:
     return HilSettings(target=target, broker=opt.broker, device=opt.device, profiles=profiles, mode=opt.hil_mode,
                        restart_cmd=opt.hil_restart_cmd, device_http=opt.hil_device_http, server_dir=server_dir,
                        report=report if report.is_absolute() else config.rootpath / report,
-                       topic_prefix=opt.hil_topic_prefix, tls_ca=opt.hil_tls_ca)
+                       topic_prefix=opt.hil_topic_prefix, tls_ca=opt.hil_tls_ca, devices=devices,
+                       device_urls=http, emulated=opt.hil_emulated)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -283,23 +316,28 @@ def hil(hil_profile: str, hil_settings: HilSettings, hil_broker_url: str, hil_ar
     if hil_settings.target == "remote":
         server_dir = hil_settings.server_dir
         prefix = hil_settings.topic_prefix
-        target = RemoteTarget(hil_settings.device, hil_settings.restart_cmd, hil_settings.device_http)
+        device, restart, http = hil_settings.remote(hil_profile)
+        target = RemoteTarget(device, restart, http, profile=hil_profile)
     else:
         server_dir = hil_settings.server_dir / hil_profile if hil_settings.server_dir else workdir / "server"
         prefix = f"hil-{uuid.uuid4().hex[:8]}"
         target = _local_target(hil_profile, hil_broker_url, prefix, server_dir, workdir, hil_settings.mode)
-    rig = Rig(RigSettings(hil_broker_url, prefix, server_dir, hil_settings.mode, hil_settings.tls_ca), target,
-              hil_artifacts)
+    rig = Rig(RigSettings(hil_broker_url, prefix, server_dir, hil_settings.mode, hil_settings.tls_ca,
+                          emulated=hil_settings.emulated), target, hil_artifacts)
     rig.expected_runtime = _expected_runtime(hil_profile)
     rig.expected_threads = PROFILES[hil_profile].threads if hil_profile in PROFILES else None
     entry = hil_report.device(hil_profile)
     entry.update(device_id=target.device_id, topic_prefix=prefix, server_dir=str(server_dir),
-                 expected_runtime=rig.expected_runtime)
+                 expected_runtime=rig.expected_runtime, emulated=hil_settings.emulated,
+                 figures_note=EMULATED_NOTE.format(how=hil_settings.emulated) if hil_settings.emulated else None,
+                 policy=rig.server.deployer.policy.name)
     try:
         rig.start()
         runtime = rig.device().runtime or {}
         entry.update(target.describe(), announced_runtime=f"{runtime.get('name')} {runtime.get('version')}",
                      http_note=rig.http_note)
+        # Export-time checks for this device's runtime only (a LiteRT device needs no tflite-runtime venv).
+        entry.update(runtime_checked_here=hil_artifacts.check_runtime(rig.device().runtime_key))
         yield rig
     finally:
         running_evidence = target.tensorflow_evidence()

@@ -2,7 +2,7 @@
 
 Profiles are descriptions only (labgrid's resources); `targets.LocalTarget` turns one into a process.
 They stand in for the devices we ship to: a 64-bit board with LiteRT, a Raspberry Pi 4-class board
-(one slow core, little memory), and a 32-bit Pi / old image with tflite-runtime 2.14 and numpy<2.
+(one slow core, little memory), and a board pinned to tflite-runtime 2.14 with numpy<2.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ PROFILES: dict[str, DeviceProfile] = {
         PROJECT_ENV, "ai-edge-litert", threads=1, pin_one_core=True, address_space_bytes=384 * MIB,
         env={"MALLOC_ARENA_MAX": "2", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}),
     "legacy": DeviceProfile(
-        "legacy", "tflite-runtime 2.14.0 + numpy<2 in its own venv without TensorFlow (32-bit Pi OS)",
+        "legacy", "tflite-runtime 2.14.0 + numpy<2 in its own venv without TensorFlow (a board without LiteRT)",
         LEGACY_ENV, "tflite-runtime", expected_version="2.14.0"),
 }
 ALL_PROFILES = tuple(PROFILES)

@@ -41,6 +41,7 @@ def summarize_deployment(dep: DeploymentRecord) -> dict[str, Any]:
     energy = report.get("energy") or {}
     runtime = report.get("runtime") or {}
     paired = report.get("paired") or {}
+    context = report.get("context") or {}
     return {
         "deployment_id": dep.deployment_id, "model_id": dep.model_id, "version": dep.version,
         "status": dep.status, "reason": dep.reason[:300], "forced": dep.forced,
@@ -57,7 +58,13 @@ def summarize_deployment(dep: DeploymentRecord) -> dict[str, Any]:
         "energy_source": energy.get("source"), "energy_available": energy.get("available"),
         "energy_net_mj": energy.get("net_mj_per_inference"),
         "paired_ratio_p50": paired.get("median_ratio_p50"),
+        "machine": context.get("machine"), "os_release": context.get("os_release"),
+        "python": context.get("python"), "cpu_model": context.get("cpu_model"),
     }
+
+
+# What each device's own reports say about where it ran (not the host's view).
+PLATFORM_FIELDS = ("machine", "os_release", "python", "runtime", "cpu_model")
 
 
 @dataclass
@@ -166,10 +173,24 @@ class HilReport:
                 "detail": detail}
 
     # -- output -------------------------------------------------------------------------------
+    def platform(self, profile: str) -> dict[str, Any]:
+        """Per field, what the device's reports said (one value, or all distinct ones), and the
+        lowest golden agreement of the deployments that loaded."""
+        deps = [d for t in self.tests.values() if t.profile == profile for d in t.deployments]
+        out: dict[str, Any] = {}
+        for name in PLATFORM_FIELDS:
+            values = sorted({str(d[name]) for d in deps if d.get(name) is not None})
+            out[name] = values[0] if len(values) == 1 else (values or None)
+        agreements = [d["agreement_at_k"] for d in deps if d.get("load_ok") and d.get("agreement_at_k") is not None]
+        out["agreement_at_k_min"] = min(agreements) if agreements else None
+        out["measured_deployments"] = len(agreements)
+        return out
+
     def to_dict(self) -> dict[str, Any]:
+        devices = [{**dev, **self.platform(profile)} for profile, dev in self.devices.items()]
         return {"format": FORMAT, "created": self.created, "host": {"platform": platform.platform(),
                 "machine": platform.machine(), "python": platform.python_version()},
-                **self.settings, "devices": list(self.devices.values()),
+                **self.settings, "devices": devices,
                 "tests": [asdict(t) for t in self.tests.values()], "acceptance": self.acceptance()}
 
     def write(self, json_path: Path) -> tuple[Path, Path]:
@@ -225,15 +246,22 @@ def render_markdown(data: dict[str, Any]) -> str:
     acc = data["acceptance"]
     out = [f"# EdgeGuide HIL report: {'PASSED' if acc['passed'] else 'FAILED'}", "",
            f"- created: {data['created']}", f"- target: {data.get('target')}, broker {data.get('broker')}",
-           f"- measurement mode asked: {data.get('mode')}", f"- host: {data['host']['platform']}", "",
-           "## Devices", "", "| profile | device | runtime announced | expected | limits applied | environment "
-           "| TensorFlow seen |", "| --- | --- | --- | --- | --- | --- | --- |"]
+           f"- measurement mode asked: {data.get('mode')}", f"- host: {data['host']['platform']}"]
+    emulated = [d for d in data["devices"] if d.get("emulated")]
+    if emulated:
+        out.append(f"- **emulated devices ({', '.join(d['profile'] for d in emulated)})**: "
+                   f"{emulated[0].get('figures_note')}")
+    out += ["", "## Devices", "", "| profile | device | machine | OS | Python | runtime announced | expected | "
+            "emulated | agreement@K min | limits applied | environment | TensorFlow seen |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for dev in data["devices"]:
         tf = dev.get("tensorflow_evidence")
         tf_text = "not observable" if tf is None else ("none" if not tf else "; ".join(tf[:3]))
-        out.append(f"| {dev['profile']} | {dev.get('device_id')} | {dev.get('announced_runtime')} | "
-                   f"{dev.get('expected_runtime') or 'as announced'} | {_cell(_limits(dev))} | "
-                   f"{_cell(_environment(dev))} | {_cell(tf_text)} |")
+        out.append(f"| {dev['profile']} | {dev.get('device_id')} | {_cell(dev.get('machine') or 'n/a')} | "
+                   f"{_cell(dev.get('os_release') or 'n/a')} | {_cell(dev.get('python') or 'n/a')} | "
+                   f"{dev.get('announced_runtime')} | {dev.get('expected_runtime') or 'as announced'} | "
+                   f"{_cell(dev.get('emulated') or 'no')} | {_fmt(dev.get('agreement_at_k_min'))} | "
+                   f"{_cell(_limits(dev))} | {_cell(_environment(dev))} | {_cell(tf_text)} |")
     out += ["", "## Tests", "", "| test | profile | outcome | s | deployment | status / verdict | runtime | mode "
             "| p50 / p90 / p99 ms | peak RSS MiB | agreement@K | energy |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]

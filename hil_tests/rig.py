@@ -20,7 +20,7 @@ from hil_tests.targets import DeviceTarget, TargetError
 from hil_tests.watch import DeviceWatch
 from protocol.topics import Topics
 from server.deployer import DeployerConfig
-from server.policy import Policy
+from server.policy import Policy, load_policy
 from server.registry import ArtifactRecord, DeploymentRecord, DeviceRecord, Registry
 from server.service import EdgeGuideServer, ServerConfig
 
@@ -28,6 +28,9 @@ _LOGGER = logging.getLogger(__name__)
 
 DEPLOY_TIMEOUT_S = {"quick": 180.0, "full": 1500.0}
 SEEN_TIMEOUT_S = 60.0
+# Limits for a device under emulation: its speed and memory are the emulator's (qemu-user leaks
+# ~280 KiB per thread and runs ~100x slower), while golden agreement and size are the device's.
+EMULATED_POLICY = Path(__file__).with_name("emulated_policy.toml")
 
 
 class RigError(RuntimeError):
@@ -43,6 +46,7 @@ class RigSettings:
     server_dir: Path
     mode: str = "quick"
     tls_ca: str | None = None
+    emulated: str | None = None  # how the device is emulated; None for real hardware or a native agent
 
 
 class Rig:
@@ -60,7 +64,8 @@ class Rig:
                               shared_subscription=False, tick_s=0.5)
         # A HIL run must see every message of its device, so no $share group: another server
         # process on the same broker would otherwise take half of them.
-        self.server = EdgeGuideServer(self.registry, config, deployer_config=DeployerConfig())
+        policy = load_policy(EMULATED_POLICY) if settings.emulated else None
+        self.server = EdgeGuideServer(self.registry, config, policy=policy, deployer_config=DeployerConfig())
         self.watch = DeviceWatch(settings.broker_url, self.topics, self.device_id, tls_ca=settings.tls_ca)
         # A real device measures in its own configured mode (and may be slow): give it the long timeout.
         mode = settings.mode if target.kind == "local" else "full"

@@ -240,10 +240,10 @@ class RemoteTarget:
     """A device already running `edgeguide-agent`; it can only be restarted by a configured command."""
 
     kind = "remote"
-    profile = "remote"
 
     def __init__(self, device_id: str, restart_cmd: str | None = None, http_url: str | None = None,
-                 restart_timeout_s: float = 120.0) -> None:
+                 restart_timeout_s: float = 120.0, profile: str = "remote") -> None:
+        self.profile = profile
         self.device_id = device_id
         self.restart_cmd = restart_cmd
         self._http_url = http_url.rstrip("/") if http_url else None

@@ -10,9 +10,11 @@ import gzip
 import io
 import json
 import os
+import shutil
 import tarfile
+import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from protocol.errors import ProtocolError
 from protocol.limits import DEFAULT_LIMITS
@@ -42,59 +44,107 @@ def pack_artifact(folder: Path) -> bytes:
     return gzip.compress(raw.getvalue(), compresslevel=6, mtime=0)
 
 
-def unpack_artifact(blob: bytes, dest: Path, max_unpacked_bytes: int = DEFAULT_LIMITS.max_unpacked_bytes) -> Path:
-    """Extract a packed artifact into `dest` (which must not exist yet) and fsync every file."""
+def unpacked_size(folder: Path) -> int:
+    """Bytes the artifact's files take once unpacked: what a manifest declares as `unpacked_size`."""
+    return sum((Path(folder) / name).stat().st_size for name in ARTIFACT_FILES)
+
+
+def unpack_artifact(blob: bytes | Path, dest: Path, max_unpacked_bytes: int = DEFAULT_LIMITS.max_unpacked_bytes,
+                    *, declared_size: int | None = None) -> Path:
+    """Extract a packed artifact (bytes, or the path of the packed file) into a new `dest`, fsyncing every file.
+
+    Streaming, in steps of `_STEP` bytes: memory stays a small constant whatever the archive
+    claims. Each member's size is checked against what is left of the budget (the files may
+    total at most `declared_size` when the manifest declares it, and never more than
+    `max_unpacked_bytes`) before a byte of it is decompressed; the whole decompressed stream,
+    padding and trailing data included, is bounded by `max_unpacked_bytes` as well. Anything
+    refused raises ProtocolError and leaves no `dest`; disk errors (ENOSPC) propagate as OSError.
+    """
     dest = Path(dest)
-    raw = _bounded_gunzip(blob, max_unpacked_bytes)
+    budget = max_unpacked_bytes if declared_size is None else min(declared_size, max_unpacked_bytes)
+    dest.mkdir(parents=True, exist_ok=False)
     try:
-        tar = tarfile.open(fileobj=io.BytesIO(raw), mode="r:")  # noqa: SIM115 - closed below
-        tar.getmembers()
-    except (EOFError, tarfile.TarError) as exc:
-        raise ProtocolError(f"artifact is not a valid tar archive: {exc}") from exc
-    with tar:  # disk errors (ENOSPC) propagate as OSError: they are not the sender's fault
-        _extract_known_files(tar, dest)
+        with (open(blob, "rb") if isinstance(blob, Path) else io.BytesIO(blob)) as raw:
+            stream = _BoundedGunzip(raw, max_unpacked_bytes)
+            _extract_stream(stream, dest, budget, declared_size)
+            stream.drain()  # to the end: trailing data is bounded too, and gzip checks its CRC there
+    except BaseException:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
     return dest
 
 
-def _extract_known_files(tar: tarfile.TarFile, dest: Path) -> None:
-    """Write exactly the artifact's four regular files into a new `dest`, fsyncing each."""
-    members = tar.getmembers()
-    seen = {m.name for m in members}
-    if len(members) != len(ARTIFACT_FILES) or seen != set(ARTIFACT_FILES):
+_STEP = 1024 * 1024
+_BLOCK = 512
+
+
+class _BoundedGunzip:
+    """Decompressed bytes of a gzip stream, read in bounded steps, refused past `limit` in total."""
+
+    def __init__(self, raw: BinaryIO, limit: int) -> None:
+        self._gz = gzip.GzipFile(fileobj=raw, mode="rb")
+        self.limit = limit
+        self.count = 0
+
+    def read(self, n: int) -> bytes:
+        try:
+            data = self._gz.read(n)
+        except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+            raise ProtocolError(f"artifact is not valid gzip: {exc}") from exc
+        self.count += len(data)
+        if self.count > self.limit:
+            raise ProtocolError(f"artifact unpacks to more than {self.limit} bytes")
+        return data
+
+    def read_exact(self, n: int, what: str) -> bytes:
+        data = self.read(n)
+        if len(data) != n:
+            raise ProtocolError(f"artifact is truncated in {what} ({len(data)} of {n} bytes)")
+        return data
+
+    def drain(self) -> None:
+        while self.read(_STEP):
+            pass
+
+
+def _extract_stream(stream: _BoundedGunzip, dest: Path, budget: int, declared_size: int | None) -> None:
+    """Read tar headers one 512-byte block at a time; write only the four known regular files."""
+    seen: set[str] = set()
+    total = 0
+    while True:
+        header = stream.read_exact(_BLOCK, "a tar header")
+        if header == bytes(_BLOCK):  # end of archive
+            break
+        try:
+            info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+        except tarfile.HeaderError as exc:
+            raise ProtocolError(f"artifact is not a valid tar archive: {exc}") from exc
+        name = info.name
+        if name not in ARTIFACT_FILES or name in seen:
+            what = "a second" if name in seen else "unexpected member"
+            raise ProtocolError(f"artifact holds {what} {name!r:.100}; expected exactly {list(ARTIFACT_FILES)}")
+        if not info.isreg():
+            raise ProtocolError(f"artifact member {name!r} is not a regular file")
+        if total + info.size > budget:
+            bound = f"its declared unpacked_size of {budget}" if budget == declared_size else str(budget)
+            raise ProtocolError(f"artifact unpacks to more than {bound} bytes ({name} alone is {info.size} bytes)")
+        seen.add(name)
+        total += info.size
+        _copy_member(stream, dest / name, info.size)
+        stream.read_exact(-info.size % _BLOCK, "padding")
+    if seen != set(ARTIFACT_FILES):
         raise ProtocolError(f"artifact holds {sorted(seen)!r:.200}, expected exactly {list(ARTIFACT_FILES)}")
-    for m in members:
-        if not m.isreg():
-            raise ProtocolError(f"artifact member {m.name!r} is not a regular file")
-    dest.mkdir(parents=True, exist_ok=False)
-    for m in members:
-        fh = tar.extractfile(m)
-        if fh is None:
-            raise ProtocolError(f"artifact member {m.name!r} has no data")
-        with open(dest / m.name, "wb") as out:
-            out.write(fh.read())
-            out.flush()
-            os.fsync(out.fileno())
 
 
-_GUNZIP_STEP = 1024 * 1024
-
-
-def _bounded_gunzip(blob: bytes, limit: int) -> bytes:
-    # Read in steps: gz.read(limit + 1) would allocate the whole limit (256 MiB) up front, which
-    # fails on a device with a memory cap even for a tiny artifact.
-    data = bytearray()
-    try:
-        with gzip.GzipFile(fileobj=io.BytesIO(blob)) as gz:
-            while len(data) <= limit:
-                piece = gz.read(min(_GUNZIP_STEP, limit + 1 - len(data)))
-                if not piece:
-                    break
-                data += piece
-    except (OSError, EOFError) as exc:
-        raise ProtocolError(f"artifact is not valid gzip: {exc}") from exc
-    if len(data) > limit:
-        raise ProtocolError(f"artifact unpacks to more than {limit} bytes")
-    return bytes(data)
+def _copy_member(stream: _BoundedGunzip, path: Path, size: int) -> None:
+    with open(path, "wb") as out:
+        left = size
+        while left:
+            piece = stream.read_exact(min(_STEP, left), f"{path.name}")
+            out.write(piece)
+            left -= len(piece)
+        out.flush()
+        os.fsync(out.fileno())
 
 
 def _read_json(folder: Path, name: str) -> dict[str, Any]:

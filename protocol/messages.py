@@ -88,6 +88,9 @@ class Manifest(_Signed):
     created: str = field(default_factory=utc_now)
     requirements: dict = field(default_factory=dict)
     rollback: bool = False
+    # Bytes the artifact's files take unpacked (signed like the rest; None from older servers):
+    # the device refuses it above max_unpacked_bytes before downloading, and stops unpacking past it.
+    unpacked_size: int | None = None
     signature: str | None = None
 
     @classmethod
@@ -131,6 +134,7 @@ class Manifest(_Signed):
             created=r.str("created", max_len=64),
             requirements=r.dict("requirements", required=False) or {},
             rollback=bool(r.bool("rollback", required=False)),
+            unpacked_size=r.int("unpacked_size", required=False, lo=0),
             signature=r.str("signature", required=False, max_len=128),
         )
 

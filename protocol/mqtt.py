@@ -20,6 +20,8 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from protocol.redact import redact_url
+
 _LOGGER = logging.getLogger(__name__)
 
 Handler = Callable[[str, bytes], None]
@@ -57,7 +59,7 @@ class BrokerAddress:
     def parse(cls, url: str) -> BrokerAddress:
         parts = urlsplit(url)
         if parts.scheme not in {"mqtt", "mqtts", "tcp", "ssl"} or not parts.hostname:
-            raise ValueError(f"broker URL {url!r} must look like mqtt://HOST:PORT or mqtts://HOST:PORT")
+            raise ValueError(f"broker URL {redact_url(url)!r} must look like mqtt://HOST:PORT or mqtts://HOST:PORT")
         tls = parts.scheme in {"mqtts", "ssl"}
         return cls(
             host=parts.hostname,

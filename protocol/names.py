@@ -18,7 +18,7 @@ SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 def _check(kind: str, pattern: re.Pattern[str], value: object) -> str:
     if not isinstance(value, str) or not pattern.fullmatch(value):
-        raise ProtocolError(f"invalid {kind} {value!r}: must match {pattern.pattern}")
+        raise ProtocolError(f"invalid {kind} {value!r:.80}: must match {pattern.pattern}")
     return value
 
 
@@ -42,3 +42,9 @@ def deployment_id(value: object) -> str:
 def sha256_hex(value: object) -> str:
     """Return `value` if it is a lower-case hex SHA-256 digest."""
     return _check("sha256", SHA256_RE, value)
+
+
+def peek_deployment_id(obj: object) -> str | None:
+    """The valid deployment id of an already decoded message we refuse, or None (never raises)."""
+    value = obj.get("deployment_id") if isinstance(obj, dict) else None
+    return value if isinstance(value, str) and DEPLOYMENT_ID_RE.fullmatch(value) else None

@@ -19,10 +19,14 @@ def decode_object(payload: bytes | str, what: str, max_bytes: int = DEFAULT_LIMI
     if len(payload) > max_bytes:
         raise ProtocolError(f"{what}: {len(payload)} bytes exceeds the limit of {max_bytes}")
     try:
-        text = payload.decode("utf-8") if isinstance(payload, bytes) else payload
-        obj = json.loads(text, parse_constant=_reject_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise ProtocolError(f"{what}: not valid UTF-8 JSON ({exc})") from exc
+        text = payload if isinstance(payload, str) else bytes(payload).decode("utf-8")
+        obj = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except ProtocolError as exc:
+        raise ProtocolError(f"{what}: not valid JSON ({exc})") from exc
+    except (ValueError, RecursionError, TypeError) as exc:
+        # ValueError covers JSONDecodeError, UnicodeDecodeError and integers beyond Python's
+        # 4300-digit conversion limit; RecursionError is deep nesting. None may escape as a traceback.
+        raise ProtocolError(f"{what}: not valid UTF-8 JSON ({str(exc)[:200]})") from exc
     if not isinstance(obj, dict):
         raise ProtocolError(f"{what}: expected a JSON object, got {type(obj).__name__}")
     return obj
@@ -30,6 +34,14 @@ def decode_object(payload: bytes | str, what: str, max_bytes: int = DEFAULT_LIMI
 
 def _reject_constant(name: str) -> Any:
     raise ProtocolError(f"JSON constant {name} is not allowed")
+
+
+def _finite_float(text: str) -> float:
+    """A JSON number that overflows to inf (1e999) is refused like the Infinity constant."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ProtocolError(f"number {text[:40]!r} is not finite")
+    return value
 
 
 def canonical_json(obj: dict) -> bytes:

@@ -16,6 +16,7 @@ from datetime import datetime
 from pathlib import Path
 
 from protocol.limits import DEFAULT_LIMITS
+from protocol.redact import redact_text, redact_url
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -211,7 +212,7 @@ def cmd_serve(args: argparse.Namespace, data_dir: Path) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     server.start()
-    print(f"edgeguide-server serving on {server.config.broker_url} (prefix {server.topics.prefix!r}, "
+    print(f"edgeguide-server serving on {redact_url(server.config.broker_url)} (prefix {server.topics.prefix!r}, "
           f"data {data_dir}); Ctrl-C to stop", flush=True)
     try:
         while not stop["flag"]:
@@ -437,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args, data_dir)
     except (DeployError, RegistryError, RolloutError, PolicyError, ProtocolError, ConnectError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact_text(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

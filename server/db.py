@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from protocol.redact import redact_url
+
 _LOGGER = logging.getLogger(__name__)
 
 
@@ -167,11 +169,7 @@ class PostgresDatabase(_LockedConnection):
 
 def _redact(url: str) -> str:
     """The URL without its password, for logs and error messages."""
-    head, sep, tail = url.partition("@")
-    if not sep or "://" not in head:
-        return url
-    scheme, _, creds = head.partition("://")
-    return f"{scheme}://{creds.split(':', 1)[0]}:***@{tail}"
+    return redact_url(url)
 
 
 def is_database_url(text: str) -> bool:

@@ -27,12 +27,13 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from protocol import chunking
+from protocol.artifact import unpacked_size
 from protocol.limits import DEFAULT_LIMITS
 from protocol.messages import Command, Event, Manifest, Report, Verdict
 from protocol.topics import Topics
 from server import gate, reports
 from server.policy import Policy
-from server.registry import ACTIVE, ArtifactRecord, DeploymentRecord, Registry, RegistryError
+from server.registry import ACTIVE, ArtifactRecord, DeploymentRecord, DeviceRecord, Registry, RegistryError
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -82,11 +83,17 @@ class IncompatibleRuntimeError(DeployError):
 
 @dataclass(frozen=True)
 class DeployerConfig:
-    """Transfer parameters; `max_resends` bounds how often one chunk is sent again before giving up."""
+    """Transfer parameters; `max_resends` bounds how often one chunk is sent again before giving up.
+
+    `offline_grace_s`: how long a device may stay offline (its retained state or Last Will says so)
+    during a deployment before the deployment ends as `timeout` with that reason; long enough for an
+    agent restart or a reboot, short against the whole `deadline_s`.
+    """
 
     chunk_size: int = DEFAULT_LIMITS.default_chunk_bytes
     deadline_s: float = 1800.0
     max_resends: int = 10
+    offline_grace_s: float = 120.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.chunk_size <= DEFAULT_LIMITS.max_chunk_bytes:
@@ -95,6 +102,8 @@ class DeployerConfig:
             raise ValueError(f"deadline_s must be > 0, got {self.deadline_s}")
         if self.max_resends < 0:
             raise ValueError(f"max_resends must be >= 0, got {self.max_resends}")
+        if self.offline_grace_s <= 0:
+            raise ValueError(f"offline_grace_s must be > 0, got {self.offline_grace_s}")
 
 
 def runtime_incompatibility(artifact: ArtifactRecord, runtime_key: str | None) -> str | None:
@@ -230,7 +239,8 @@ class Deployer:
         return Manifest(deployment_id=dep.deployment_id, device_id=dep.device_id, model_id=artifact.model_id,
                         version=artifact.version, total_size=artifact.size, sha256=artifact.sha256,
                         chunk_size=dep.chunk_size, chunk_sha256=list(digests),
-                        created=_iso(dep.created), requirements=requirements).signed(self.key)
+                        created=_iso(dep.created), requirements=requirements,
+                        unpacked_size=unpacked_size(artifact.path)).signed(self.key)
 
     def _send_manifest(self, dep: DeploymentRecord) -> None:
         try:
@@ -358,6 +368,13 @@ class Deployer:
         dep = self._active(report.deployment_id, report.device_id, "report")
         if dep is None:
             return
+        if dep.terminal:
+            # A finished deployment's record is final: a late, repeated or forged report (a device
+            # "passing" a manifest its own agent rejected) is logged and changes nothing.
+            self.registry.log_event("report_ignored", device_id=report.device_id, deployment_id=dep.deployment_id,
+                                    detail=f"deployment already {dep.status}; report load_ok={report.load_ok}")
+            _LOGGER.warning("report for %s ignored: the deployment is already %s", dep.deployment_id, dep.status)
+            return
         if report.version != dep.version or report.model_id != dep.model_id:
             self.registry.log_event("report_mismatch", device_id=report.device_id, deployment_id=dep.deployment_id,
                                     detail=f"report for {report.model_id}@{report.version}, expected "
@@ -374,18 +391,12 @@ class Deployer:
         verdict = Verdict(deployment_id=dep.deployment_id, device_id=dep.device_id, model_id=dep.model_id,
                           version=dep.version, verdict=result.verdict, checks=result.checks,
                           reason=result.reason, created=_iso(dep.created)).signed(self.key)
-        if dep.terminal:
-            # e.g. the device discarded a model that failed to load and said so before its report
-            # arrived: keep the status, but record what the gate makes of the report.
-            self.registry.update_deployment(dep.deployment_id, report=report.to_dict(), verdict=verdict.to_dict())
-            _LOGGER.info("report for %s (already %s) gated %s: %s", dep.deployment_id, dep.status, result.verdict,
-                         result.reason)
-        else:
-            status = "passed" if result.passed else "failed"
-            if not self._transition(dep, status, ("pending", "transferring", "measuring"), result.reason,
-                                    report=report.to_dict(), verdict=verdict.to_dict()):
-                return
-            self._publish_verdict(dep, verdict)
+        status = "passed" if result.passed else "failed"
+        # Conditional on a non-terminal status: a deployment finished meanwhile keeps its record.
+        if not self._transition(dep, status, ("pending", "transferring", "measuring"), result.reason,
+                                report=report.to_dict(), verdict=verdict.to_dict()):
+            return
+        self._publish_verdict(dep, verdict)
         self._write_report(dep.deployment_id, plot=False)
 
     def _write_report(self, deployment_id: str, plot: bool = True) -> None:
@@ -445,12 +456,27 @@ class Deployer:
     def tick(self, now: float | None = None) -> None:
         """Start pending deployments (also those created by the CLI) and time out overdue ones."""
         now = time.time() if now is None else now
-        for dep in self.registry.deployments(active_only=True):
-            if dep.deadline < now:
-                if self._finish(dep, "timeout", f"no outcome within the deadline (last status {dep.status})"):
+        active = self.registry.deployments(active_only=True)
+        offline = {d.device_id: d for d in self.registry.offline_devices()} if active else {}
+        for dep in active:
+            gone = self._offline_too_long(dep, offline.get(dep.device_id), now)
+            if dep.deadline < now or gone:
+                why = gone or f"no outcome within the deadline (last status {dep.status})"
+                if self._finish(dep, "timeout", why):
                     self.send_command(dep.device_id, "cancel", dep.deployment_id)
             elif dep.status == "pending":
                 self.start(dep.deployment_id)
+
+    def _offline_too_long(self, dep: DeploymentRecord, device: DeviceRecord | None, now: float) -> str | None:
+        """Why the deployment cannot finish: its device has been offline for the grace period during it."""
+        if device is None:
+            return None
+        since = max(device.last_seen, dep.created)  # an offline state's arrival time, or the deployment's start
+        if now - since < self.config.offline_grace_s:
+            return None
+        return (f"device_offline: {dep.device_id} went offline at {_iso(device.last_seen)} (its retained state / "
+                f"Last Will) and did not come back within {self.config.offline_grace_s:.0f} s; last status "
+                f"{dep.status}")
 
     def resume(self) -> None:
         """After a (re)start: re-send what a device may be waiting for, per recorded status."""

@@ -33,6 +33,8 @@ STATUSES = ("pending", "transferring", "measuring", "passed", "failed", "rejecte
             "rolled_back", "timeout")
 TERMINAL = frozenset({"rejected", "promoted", "rolled_back", "timeout"})
 ACTIVE = frozenset(STATUSES) - TERMINAL
+# Event details are device-supplied reasons and server messages: cut to this many characters.
+EVENT_DETAIL_MAX_CHARS = 1000
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS artifacts (
@@ -81,6 +83,9 @@ _SCHEMA = (
         deployment_id TEXT,
         kind TEXT NOT NULL,
         detail TEXT NOT NULL DEFAULT '')""",
+    # Retention (prune_events) deletes by device and by age.
+    "CREATE INDEX IF NOT EXISTS events_device ON events (device_id, id)",
+    "CREATE INDEX IF NOT EXISTS events_ts ON events (ts)",
 )
 
 
@@ -352,6 +357,11 @@ class Registry:
     def devices(self) -> list[DeviceRecord]:
         return [DeviceRecord.from_row(r) for r in self.db.query("SELECT * FROM devices ORDER BY device_id")]
 
+    def offline_devices(self) -> list[DeviceRecord]:
+        """Devices whose last state said offline (a Last Will or a clean stop); `last_seen` is when."""
+        rows = self.db.query("SELECT * FROM devices WHERE status = ? ORDER BY device_id", ("offline",))
+        return [DeviceRecord.from_row(r) for r in rows]
+
     # ---- deployments -----------------------------------------------------------------------
     def create_deployment(self, artifact: ArtifactRecord, device_id: str, *, chunk_size: int,
                           policy: dict | None, deadline_s: float, status: str = "pending", reason: str = "",
@@ -417,7 +427,20 @@ class Registry:
                   detail: str = "") -> None:
         """Append to the event log (device events, status changes, malformed messages)."""
         self.db.execute("INSERT INTO events (ts, device_id, deployment_id, kind, detail) VALUES (?, ?, ?, ?, ?)",
-                        (time.time(), device_id, deployment_id, kind, detail[:4000]))
+                        (time.time(), device_id, deployment_id, kind[:64], detail[:EVENT_DETAIL_MAX_CHARS]))
+
+    def prune_events(self, *, max_per_device: int, max_age_s: float) -> int:
+        """Retention: delete events older than `max_age_s` and all but each device's newest `max_per_device`."""
+        deleted = self.db.execute("DELETE FROM events WHERE ts < ?", (time.time() - max_age_s,))
+        crowded = self.db.query("SELECT device_id FROM events WHERE device_id IS NOT NULL GROUP BY device_id"
+                                " HAVING COUNT(*) > ?", (max_per_device,))
+        for row in crowded:
+            edge = self.db.query("SELECT id FROM events WHERE device_id = ? ORDER BY id DESC LIMIT 1 OFFSET ?",
+                                 (row["device_id"], max_per_device))
+            if edge:
+                deleted += self.db.execute("DELETE FROM events WHERE device_id = ? AND id <= ?",
+                                           (row["device_id"], edge[0]["id"]))
+        return max(deleted, 0)
 
     def events(self, *, deployment_id: str | None = None, device_id: str | None = None,
                kind_prefix: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:

@@ -18,9 +18,11 @@ from dataclasses import dataclass
 from protocol.errors import ProtocolError
 from protocol.messages import DeviceState, Event, Heartbeat, Report
 from protocol.mqtt import MqttLink
+from protocol.redact import redact_url
 from protocol.topics import Topics
 from server import keys
 from server.deployer import ChunkTransform, Deployer, DeployerConfig
+from server.ingest import DeviceRateLimiter, IngestLimits, bounded
 from server.policy import Policy, load_policy
 from server.registry import DeploymentRecord, Registry
 from server.rollout import RolloutManager
@@ -52,8 +54,12 @@ class EdgeGuideServer:
     """Registry + deployer + MQTT ingestion; `start()`, `deploy()`, `wait()`, `stop()`."""
 
     def __init__(self, registry: Registry, config: ServerConfig | None = None, *, policy: Policy | None = None,
-                 deployer_config: DeployerConfig | None = None, chunk_transform: ChunkTransform | None = None) -> None:
+                 deployer_config: DeployerConfig | None = None, chunk_transform: ChunkTransform | None = None,
+                 ingest_limits: IngestLimits | None = None) -> None:
         self.registry = registry
+        self.ingest_limits = ingest_limits or IngestLimits()
+        self.limiter = DeviceRateLimiter(self.ingest_limits)
+        self.rate_limited = 0
         self.config = config or ServerConfig()
         self.topics = Topics(prefix=self.config.topic_prefix)
         self.key = keys.server_key(registry.data_dir)
@@ -84,7 +90,8 @@ class EdgeGuideServer:
         self._worker = threading.Thread(target=self._run, name="edgeguide-server-worker", daemon=True)
         self._worker.start()
         self._call(self.deployer.resume)
-        _LOGGER.info("server up: broker %s, prefix %r, data dir %s", self.config.broker_url, self.topics.prefix,
+        _LOGGER.info("server up: broker %s, prefix %r, data dir %s", redact_url(self.config.broker_url),
+                     self.topics.prefix,
                      self.registry.data_dir)
         return self
 
@@ -119,7 +126,31 @@ class EdgeGuideServer:
         self.link.publish(topic, payload, qos=1)
 
     def _enqueue(self, topic: str, payload: bytes) -> None:
+        # Rate-limited here, on paho's thread, so a flood never even grows the inbox.
+        parts = topic.split("/")
+        device = parts[-3] if len(parts) >= 3 else ""
+        if not self.limiter.allow(device):
+            self.rate_limited += 1
+            dropped = self.limiter.take_notice(device)
+            if dropped:
+                self._call(lambda d=device[:64], n=dropped: self._record_rate_limited(d, n))
+            return
         self._inbox.put((topic, payload))
+
+    def _record_rate_limited(self, device: str, dropped: int) -> None:
+        lim = self.ingest_limits
+        _LOGGER.warning("device %r exceeds %d messages at once / %g per second: dropped %d message(s)", device,
+                        lim.burst, lim.per_second, dropped)
+        self.registry.log_event("rate_limited", device_id=device or None,
+                                detail=f"dropped {dropped} message(s) beyond {lim.burst} at once / "
+                                       f"{lim.per_second:g} per second")
+
+    def _prune(self) -> None:
+        lim = self.ingest_limits
+        deleted = self.registry.prune_events(max_per_device=lim.max_events_per_device, max_age_s=lim.max_event_age_s)
+        if deleted:
+            _LOGGER.info("pruned %d event rows (keeping %d per device, %g days)", deleted, lim.max_events_per_device,
+                         lim.max_event_age_s / 86400)
 
     # ---- worker ------------------------------------------------------------------------------
     def _call(self, fn: Callable[[], object]) -> None:
@@ -128,6 +159,7 @@ class EdgeGuideServer:
 
     def _run(self) -> None:
         next_tick = time.monotonic()
+        next_prune = next_tick
         while not self._stopping.is_set():
             try:
                 item = self._inbox.get(timeout=max(0.0, next_tick - time.monotonic()))
@@ -144,6 +176,9 @@ class EdgeGuideServer:
                 self._guarded("tick", b"", self.deployer.tick)
                 self._guarded("rollout tick", b"", self.rollouts.tick)
                 next_tick = time.monotonic() + self.config.tick_s
+                if next_tick >= next_prune:
+                    self._guarded("prune", b"", self._prune)
+                    next_prune = time.monotonic() + self.ingest_limits.prune_interval_s
 
     def _guarded(self, topic: str, payload: bytes, fn: Callable[[], object]) -> None:
         try:
@@ -164,6 +199,7 @@ class EdgeGuideServer:
             message = _DECODERS[ref.kind].from_json(payload)
             if message.device_id != ref.device_id:
                 raise ProtocolError(f"{ref.kind} on {topic!r} claims device_id {message.device_id!r}")
+            message = bounded(message, self.ingest_limits)
         except ProtocolError as exc:
             self.malformed += 1
             _LOGGER.warning("malformed message on %r (%s); payload %r", topic, exc, payload[:200])

@@ -146,3 +146,10 @@ def test_example_config_names_only_real_keys() -> None:
     known = {f.name for f in fields(AgentConfig)} - {"extra"}
     assert set(example) <= known, set(example) - known
     assert example["mqtt_protocol"] == "auto" and example["report_resend_s"] == 30.0
+
+
+def test_http_allowed_hosts_must_be_host_names() -> None:
+    ok = AgentConfig(device_id="pi-1", server_key=None, http_allowed_hosts=" Pi-01.local, kiosk ")
+    assert ok.allowed_hosts == ["pi-01.local", "kiosk"]
+    with pytest.raises(ConfigError, match="http_allowed_hosts: not host names"):
+        AgentConfig(device_id="pi-1", http_allowed_hosts="evil.example:80,a b").validate()

@@ -122,10 +122,6 @@ def test_oversized_report_is_refused_before_decoding_on_postgres(pg_site: PgSite
     _unchanged(dep, pg_site.registry.deployment(dep.deployment_id))
 
 
-# Remove this marker when merging the fix of issue 13's defect 1: strict, so the test fails loudly
-# (XPASS) the moment the fix is in and the marker was forgotten.
-@pytest.mark.xfail(strict=True, reason="issue 13 defect 1: the server stores a verdict for a report on a "
-                                       "terminal deployment (fixed on the hardening branch)")
 def test_report_for_a_terminal_deployment_changes_nothing_on_postgres(pg_site: PgSite, mosquitto,
                                                                       topic_prefix: str) -> None:
     """A device whose agent rejected a manifest then reports PASS figures for it: the record stays

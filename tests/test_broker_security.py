@@ -345,24 +345,35 @@ def test_reusing_another_devices_client_id_reads_nothing(secure: SecureBroker) -
     assert "queued-2" not in thief.stdout, thief.stdout
 
 
-def test_last_will_cannot_target_another_device(secure: SecureBroker, server_view: Collector) -> None:
+def test_last_will_on_another_devices_topic_is_accepted_then_dropped(secure: SecureBroker,
+                                                                     server_view: Collector) -> None:
+    """What mosquitto 2.0 really does with the shipped ACL: the CONNECT with a will on B's topic is
+    accepted (the client works normally), and when the client vanishes the will is not published.
+    The same client with a will on its own topic gets it published."""
     t = secure.topics
     wills = {"dev-b": "forged-will", "dev-a": "own-will"}
-    procs = []
-    for owner, payload in wills.items():
-        procs.append(subprocess.Popen(
-            ["mosquitto_sub", "-V", "5", "-h", "127.0.0.1", "-p", str(secure.port), "-u", "dev-a",
-             "-P", PASSWORDS["dev-a"], "-t", t.device_down_filter("dev-a"), "-k", "5",
-             "--will-topic", t.up(owner, "state"), "--will-payload", payload, "-W", "30"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-    for proc in procs:
-        try:
-            proc.wait(1.0)
-        except subprocess.TimeoutExpired:
-            proc.kill()  # no DISCONNECT: the broker publishes the will
-            proc.wait()
+    server = server_link(secure)
+    try:
+        for owner, payload in wills.items():
+            sub = LineReader(subprocess.Popen(
+                ["mosquitto_sub", "-V", "5", "-h", "127.0.0.1", "-p", str(secure.port), "-u", "dev-a",
+                 "-P", PASSWORDS["dev-a"], "-t", t.down("dev-a", "command"), "-k", "5", "-v",
+                 "--will-topic", t.up(owner, "state"), "--will-payload", payload, "--will-qos", "1"],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+            for _ in range(40):  # connected and subscribed: it receives its own command topic
+                server.publish(t.down("dev-a", "command"), f"ping-{owner}".encode()).wait_for_publish(WAIT_S)
+                if sub.lines.wait_for(lambda m: len(m) > 0, timeout=0.25):
+                    break
+            assert sub.proc.poll() is None, f"the CONNECT with a will on {owner}'s topic was refused"
+            assert any(x.endswith(f"ping-{owner}") for x in sub.seen()), sub.seen()
+            sub.proc.kill()  # no DISCONNECT: the broker handles the will now
+            sub.proc.communicate(timeout=WAIT_S)
+    finally:
+        server.stop()
     assert server_view.wait_for(lambda m: (t.up("dev-a", "state"), b"own-will") in m)
+    # The forged will was handled first; the own will arriving proves the broker got past it.
     assert (t.up("dev-b", "state"), b"forged-will") not in server_view.messages
+    assert not [p for tp, p in server_view.messages if tp == t.up("dev-b", "state")], server_view.messages
 
 
 # -- authentication ----------------------------------------------------------------------------------

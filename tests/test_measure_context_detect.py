@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.measure.context import decode_throttled, parse_cpuinfo, parse_throttled, read_context
+from agent.measure.context import decode_throttled, parse_cpuinfo, parse_os_release, parse_throttled, read_context
 from agent.measure.power import (
     HwmonInaPower,
     RaplPower,
@@ -54,6 +54,7 @@ def test_context_without_sysfs_or_vcgencmd_is_null_not_guessed(tmp_path: Path) -
     (tmp_path / "proc/cpuinfo").write_text("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) CPU @ 2.20GHz\n"
                                            "model\t\t: 79\n")
     context = read_context(tmp_path, vcgencmd=NOWHERE)
+    assert context["os_release"] is None  # no /etc/os-release under this root
     assert context["cpu_model"] == "Intel(R) Xeon(R) CPU @ 2.20GHz" and context["board"] is None
     assert context["governor"] is None and context["freq_mhz"] is None
     assert context["temperature_c"] is None and context["throttled"] is None
@@ -100,3 +101,10 @@ def test_detect_skips_rapl_it_cannot_read(tmp_path: Path) -> None:
     probes = probe_power_sources(root, vcgencmd=NOWHERE, termux_argv=(NOWHERE,))
     rapl = next(p for p in probes if p.kind == "rapl")
     assert rapl.source is None and "cannot read" in rapl.reason
+
+
+def test_os_release_names_the_distribution() -> None:
+    bookworm = 'PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\nNAME="Debian GNU/Linux"\nVERSION_ID="12"\n'
+    assert parse_os_release(bookworm) == "Debian GNU/Linux 12 (bookworm)"
+    assert parse_os_release("NAME=Termux\nVERSION_ID=0.118\n") == "Termux 0.118"
+    assert parse_os_release("# nothing here\n") is None

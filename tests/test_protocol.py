@@ -241,3 +241,31 @@ def test_mqtt_link_unreachable_broker_is_a_clear_error() -> None:
         link.start(timeout=2)
     assert not caught.value.refused_credentials  # unreachable is transient: worth retrying
     assert ConnectError("mqtt://x:1883", "Not authorized").refused_credentials
+
+
+def test_artifact_unpack_bounds_the_declared_size_and_trailing_data(tmp_path: Path) -> None:
+    good = {n: b"x" * 100 for n in ARTIFACT_FILES}
+    blob = _tar_gz(good)
+    assert sorted(p.name for p in unpack_artifact(blob, tmp_path / "ok", declared_size=400).iterdir()) == \
+        sorted(ARTIFACT_FILES)
+    with pytest.raises(ProtocolError, match="more than its declared unpacked_size of 399 bytes"):
+        unpack_artifact(blob, tmp_path / "t1", declared_size=399)
+    # A bomb hidden after the end of the tar archive, as a second gzip member: bounded all the same.
+    with pytest.raises(ProtocolError, match="unpacks to more than 100000 bytes"):
+        unpack_artifact(blob + gzip.compress(bytes(200_000)), tmp_path / "t2", max_unpacked_bytes=100_000)
+    with pytest.raises(ProtocolError, match="a second 'model.tflite'"):
+        unpack_artifact(_tar_gz_pairs([*good.items(), ("model.tflite", b"y")]), tmp_path / "t3")
+    packed = tmp_path / "packed.tar.gz"
+    packed.write_bytes(blob)  # the agent unpacks from its staging file, not from memory
+    assert (unpack_artifact(packed, tmp_path / "from-file") / "model.tflite").read_bytes() == b"x" * 100
+    assert not any((tmp_path / f"t{i}").exists() for i in (1, 2, 3))
+
+
+def _tar_gz_pairs(members: list[tuple[str, bytes]]) -> bytes:
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return gzip.compress(raw.getvalue())

@@ -6,6 +6,7 @@ import http.client
 import json
 import re
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -15,9 +16,11 @@ from hypothesis import strategies as st
 
 from agent.model import LoadedModel, open_model
 from agent.serving import RecommendService
-from agent.serving.http import ServerHandle, start_http_server
+from agent.serving.http import ServerHandle, host_problem, start_http_server
 
 MAX_BODY = 4096
+JSON = {"Content-Type": "application/json"}
+POST_HEAD = b"POST /recommend HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
 
 
 @pytest.fixture(scope="session")
@@ -151,7 +154,7 @@ def test_pathological_json_is_a_400_not_a_crash(model: LoadedModel, body: bytes,
     service = RecommendService()
     service.swap(open_model(model.path, model_id="tiny", version=4))
     with start_http_server(service, max_body=len(body)) as handle:
-        status, got, _ = _request(handle, "POST", "/recommend", body)
+        status, got, _ = _request(handle, "POST", "/recommend", body, {"Content-Type": "application/json"})
         assert status == 400 and re.search(pattern, got["error"]), got
         assert _request(handle, "GET", "/healthz")[0] == 200
     service.close()
@@ -160,24 +163,24 @@ def test_pathological_json_is_a_400_not_a_crash(model: LoadedModel, body: bytes,
 def test_huge_body_is_refused_with_413_and_the_server_keeps_serving(server: ServerHandle) -> None:
     huge = b'{"history": [' + b'"85123A",' * 2000 + b'"x"]}'
     assert len(huge) > MAX_BODY
-    status, body, headers = _request(server, "POST", "/recommend", huge)
+    status, body, headers = _request(server, "POST", "/recommend", huge, JSON)
     assert status == 413 and f"limit of {MAX_BODY} bytes" in body["error"]
     assert headers.get("Connection") == "close"
     # Declared but never sent: the server must answer from the header alone.
-    raw = _raw(server, b"POST /recommend HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999\r\n\r\n")
+    raw = _raw(server, POST_HEAD + b"Content-Length: 999999999\r\n\r\n")
     assert _json_of(raw)[0] == 413
     assert _request(server, "GET", "/healthz")[0] == 200
 
 
 @pytest.mark.parametrize(("raw", "status"), [
-    (b"POST /recommend HTTP/1.1\r\nHost: x\r\n\r\n", 411),
-    (b"POST /recommend HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 411),
-    (b"POST /recommend HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n", 400),
-    (b"POST /recommend HTTP/1.1\r\nHost: x\r\nContent-Length: lots\r\n\r\n", 400),
+    (POST_HEAD + b"\r\n", 411),
+    (POST_HEAD + b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 411),
+    (POST_HEAD + b"Content-Length: -5\r\n\r\n", 400),
+    (POST_HEAD + b"Content-Length: lots\r\n\r\n", 400),
     (b"GET /a b HTTP/1.1\r\n\r\n", 400),
     (b"GET /healthz HTTP/x.y\r\n\r\n", None),  # unparsable version: answered HTTP/0.9 style
     (b"GARBAGE\r\n\r\n", None),
-    (b"BREW /coffee HTTP/1.1\r\nHost: x\r\n\r\n", 501),
+    (b"BREW /coffee HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 501),
     (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", 414),
 ])
 def test_protocol_errors_are_json_and_harmless(server: ServerHandle, raw: bytes, status: int | None) -> None:
@@ -190,11 +193,12 @@ def test_keep_alive_serves_many_requests_on_one_connection(server: ServerHandle,
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
     try:
         for i in range(1, 30):
-            conn.request("POST", "/recommend", body=json.dumps({"history": [model.items[i][0]], "k": 2}))
+            conn.request("POST", "/recommend", body=json.dumps({"history": [model.items[i][0]], "k": 2}),
+                         headers=JSON)
             response = conn.getresponse()
             assert response.status == 200 and len(json.loads(response.read())["items"]) == 2
             # errors keep the connection usable too (the body was fully read)
-            conn.request("POST", "/recommend", body=b'{"history": 5}')
+            conn.request("POST", "/recommend", body=b'{"history": 5}', headers=JSON)
             response = conn.getresponse()
             assert response.status == 400
             response.read()
@@ -204,7 +208,7 @@ def test_keep_alive_serves_many_requests_on_one_connection(server: ServerHandle,
 
 def test_a_stalled_client_does_not_block_others(server: ServerHandle) -> None:
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as stalled:
-        stalled.sendall(b"POST /recommend HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        stalled.sendall(POST_HEAD + b"Content-Length: 100\r\n\r\n{")
         started = time.monotonic()
         assert _request(server, "GET", "/healthz")[0] == 200
         assert time.monotonic() - started < 1.0
@@ -246,7 +250,7 @@ def _bodies(draw: st.DrawFn, codes: list[str]) -> bytes:
 def test_fuzzed_bodies_get_200_or_400_and_the_server_survives(server: ServerHandle, model: LoadedModel,
                                                              data: st.DataObject) -> None:
     body = data.draw(_bodies([c for c, _ in model.items[1:50]]), label="body")
-    status, answer, headers = _request(server, "POST", "/recommend", body)
+    status, answer, headers = _request(server, "POST", "/recommend", body, JSON)
     assert headers["Content-Type"].startswith("application/json")
     if status == 200:
         assert {"items", "unknown", "truncated", "fallback", "model"} == set(answer)
@@ -273,3 +277,148 @@ def test_fuzzed_raw_requests_never_take_the_server_down(server: ServerHandle, he
         if status != 200 and body:
             assert isinstance(json.loads(body.split(b"HTTP/1.1 ")[0]), dict)
     assert _request(server, "GET", "/healthz")[0] == 200
+
+
+# ------------------------------------------------------------------------------ browsers and bursts
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:{port}", "127.0.0.1.nip.io:{port}",
+                                  "10.1.2.3:{port}", "127.0.0.1:1", "localhost.:{port}"])
+def test_a_foreign_host_header_is_refused(server: ServerHandle, host: str) -> None:
+    """DNS rebinding: a page on evil.example, re-pointed at 127.0.0.1, must not read /model."""
+    for method, path, body in (("GET", "/model", None), ("POST", "/recommend", b'{"history": []}')):
+        status, got, _ = _request(server, method, path, body, {"Host": host.format(port=server.port),
+                                                                "Content-Type": "application/json"})
+        assert status == 421 and "Host" in got["error"], (method, status, got)
+        assert "model_id" not in got
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:{port}", "localhost:{port}", "127.0.0.1", "LOCALHOST:{port}"])
+def test_the_bound_address_and_localhost_are_accepted_hosts(server: ServerHandle, host: str) -> None:
+    status, got, _ = _request(server, "GET", "/model", None, {"Host": host.format(port=server.port)})
+    assert status == 200 and got["model_id"] == "tiny"
+
+
+def test_http_1_1_without_host_is_a_400(server: ServerHandle) -> None:
+    status, body = _json_of(_raw(server, b"GET /model HTTP/1.1\r\nConnection: close\r\n\r\n"))
+    assert status == 400 and "Host" in body["error"]
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=x", "application/jsonp"])
+def test_a_post_that_a_browser_form_could_send_is_refused(server: ServerHandle, content_type: str | None) -> None:
+    """CSRF: only `application/json` (which a cross-origin page cannot send without a preflight) is read."""
+    headers = {"Content-Type": content_type} if content_type else {}
+    status, got, _ = _request(server, "POST", "/recommend", b'{"history": []}', headers)
+    assert status == 415 and "application/json" in got["error"], got
+    ok, _, _ = _request(server, "POST", "/recommend", b'{"history": []}',
+                        {"Content-Type": "Application/JSON; charset=utf-8"})
+    assert ok == 200
+
+
+def test_a_preflight_gets_no_cors_permission(server: ServerHandle) -> None:
+    status, _, headers = _request(server, "OPTIONS", "/recommend", None,
+                                  {"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
+    assert status == 405 and not any(h.lower().startswith("access-control-") for h in headers)
+
+
+def _server_threads() -> int:
+    return sum(1 for t in threading.enumerate() if t.name.startswith("edgeguide-http") or "process_request" in t.name)
+
+
+def test_a_burst_of_connections_does_not_grow_threads_past_the_pool(model: LoadedModel) -> None:
+    service = RecommendService()
+    service.swap(open_model(model.path, model_id="tiny", version=5))
+    workers, backlog, clients = 4, 8, 60
+    base = _server_threads()  # other servers of this module
+    with start_http_server(service, workers=workers, queue_size=backlog, io_timeout_s=2.0) as handle:
+        socks = [socket.create_connection(("127.0.0.1", handle.port), timeout=15) for _ in range(clients)]
+        try:
+            request = f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{handle.port}\r\n\r\n".encode()
+            peak = base
+            for sock in socks:  # every connection open and asking at once, none closed by the client
+                sock.sendall(request)
+                peak = max(peak, _server_threads())
+            time.sleep(0.3)
+            peak = max(peak, _server_threads())
+            answers = []
+            for sock in socks:
+                raw = b""
+                while b"\r\n\r\n" not in raw or len(raw.partition(b"\r\n\r\n")[2]) < _content_length(raw):
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        break
+                    raw += chunk
+                answers.append(_json_of(raw))
+                peak = max(peak, _server_threads())
+        finally:
+            for sock in socks:
+                sock.close()
+        peak -= base
+        assert peak <= workers + 1, f"{peak} server threads for {clients} connections (pool of {workers})"
+        statuses = [status for status, _ in answers]
+        assert set(statuses) <= {200, 503}, statuses
+        # At least the queue's worth is served (more when workers took some before the queue filled);
+        # the rest were told 503 at once instead of each costing a thread.
+        assert statuses.count(200) >= backlog and statuses.count(503) >= clients - 2 * (workers + backlog), statuses
+        assert all(body.get("error") for status, body in answers if status == 503)
+        assert _request(handle, "GET", "/healthz")[0] == 200
+    service.close()
+
+
+def _content_length(raw: bytes) -> int:
+    for line in raw.partition(b"\r\n\r\n")[0].split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            return int(line.split(b":", 1)[1])
+    return 0
+
+
+_HEADER_TEXT = st.text(st.characters(blacklist_categories=("Cc", "Cs")), max_size=40)
+
+
+@settings(max_examples=120, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(host=_HEADER_TEXT | st.sampled_from(["127.0.0.1:{port}", "localhost:{port}", "[::1]:{port}", "127.0.0.1",
+                                             "evil.example:{port}", "127.0.0.1:{port}:{port}", "[::1", ""]),
+       content_type=_HEADER_TEXT | st.sampled_from(["application/json", "application/json; charset=utf-8",
+                                                    "text/plain", "APPLICATION/JSON"]))
+def test_fuzzed_host_and_content_type_headers(server: ServerHandle, host: str, content_type: str) -> None:
+    """Only the bound address or localhost, and only JSON bodies, ever reach the model."""
+    host = host.format(port=server.port) if "{port}" in host else host
+    head = f"POST /recommend HTTP/1.1\r\nHost: {host}\r\nContent-Type: {content_type}\r\n"
+    body = b'{"history": []}'
+    raw = _raw(server, head.encode("utf-8") + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+               + body)
+    status, answer = _json_of(raw)
+    expected_host = host_problem(host, server._server.allowed_hosts, server.port, False) is None
+    expected_json = content_type.split(";", 1)[0].strip().lower() == "application/json"
+    if status == 200:
+        assert expected_host and expected_json, (host, content_type, answer)
+    else:
+        assert status in {400, 415, 421} and answer["error"], (status, answer)
+        assert not (expected_host and expected_json) or status == 400, (host, content_type, status, answer)
+
+
+def test_extra_host_names_can_be_allowed(model: LoadedModel) -> None:
+    """A LAN bind reached as pi-01.local: the operator names it, every other name stays refused."""
+    service = RecommendService()
+    service.swap(open_model(model.path, model_id="tiny", version=6))
+    with start_http_server(service, allowed_hosts=["Pi-01.local"]) as handle:
+        assert _request(handle, "GET", "/model", None, {"Host": f"pi-01.local:{handle.port}"})[0] == 200
+        assert _request(handle, "GET", "/model", None, {"Host": f"pi-02.local:{handle.port}"})[0] == 421
+    service.close()
+
+
+def test_stop_does_not_wait_for_idle_keep_alive_clients(model: LoadedModel) -> None:
+    service = RecommendService()
+    service.swap(open_model(model.path, model_id="tiny", version=7))
+    handle = start_http_server(service, io_timeout_s=30.0)
+    conn = http.client.HTTPConnection("127.0.0.1", handle.port, timeout=10)
+    try:
+        conn.request("GET", "/healthz")
+        assert conn.getresponse().read()  # the connection stays open, its worker waits for more
+        started = time.monotonic()
+        handle.stop()
+        assert time.monotonic() - started < 3.0
+        left = [t.name for t in threading.enumerate() if t.name.startswith(f"edgeguide-http-{handle.port}")]
+        assert not left, left  # the accept thread and every worker ended
+    finally:
+        conn.close()
+        service.close()

@@ -51,6 +51,17 @@ def _read_text(path: Path) -> str | None:
         return None
 
 
+def parse_os_release(text: str) -> str | None:
+    """PRETTY_NAME of an os-release file (e.g. "Debian GNU/Linux 12 (bookworm)"), else NAME VERSION_ID."""
+    fields = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            fields[key.strip()] = value.strip().strip('"').strip("'")
+    pretty = fields.get("PRETTY_NAME") or " ".join(v for v in (fields.get("NAME"), fields.get("VERSION_ID")) if v)
+    return pretty or None
+
+
 def parse_cpuinfo(text: str) -> dict[str, Any]:
     """``cpu_model``, ``board``, ``cores`` from /proc/cpuinfo (x86 "model name"; ARM "CPU part", "Model")."""
     fields: dict[str, list[str]] = {}
@@ -177,6 +188,8 @@ def read_context(root: str | Path = "/", *, threads: int | None = None, runtime:
         "runtime": runtime,
         "python": platform.python_version(),
         "machine": platform.machine(),
+        "os_release": parse_os_release(_read_text(Path(root) / "etc" / "os-release")
+                                       or _read_text(Path(root) / "usr" / "lib" / "os-release") or ""),
         "kernel": platform.release(),
     }
     _LOGGER.debug("context: %s", context)

@@ -2,21 +2,32 @@
 
 Routes: `POST /recommend` {"history": [codes], "k": int?}, `GET /healthz`, `GET /model`.
 Every answer, errors included, is a JSON object; errors are `{"error": "..."}`. The stdlib
-`ThreadingHTTPServer` is enough for one local app and adds no dependency; keep-alive (HTTP/1.1)
-spares the client a TCP handshake per request. The API has no authentication, so it binds to
-loopback unless told otherwise.
+`HTTPServer` with a fixed pool of worker threads is enough for one local app and adds no
+dependency: a burst of connections waits in a bounded queue (beyond it: 503 at once) instead of
+costing a thread each, which matters on a Pi and leaks memory under qemu emulation. Keep-alive
+(HTTP/1.1) spares the client a TCP handshake per request; a worker gives its connection up after
+a response whenever other connections are waiting, so keep-alive clients cannot starve new ones.
+
+Browser pages on the same device are the threat: no route changes state (POST /recommend only
+computes), the `Host` header must name the bound address or localhost (a DNS-rebinding page
+gets 421), POST bodies must be `application/json` (a cross-origin form or `text/plain` fetch
+gets 415; a JSON fetch needs a CORS preflight, which gets 405 and no Access-Control headers).
+The API has no authentication, so it binds to loopback unless told otherwise.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import logging
+import queue
 import socket
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -26,6 +37,9 @@ _LOGGER = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY = 64 * 1024
 DEFAULT_IO_TIMEOUT_S = 10.0
+DEFAULT_WORKERS = 8
+DEFAULT_QUEUE = 64
+KEEPALIVE_IDLE_S = 5.0
 RECOMMEND_KEYS = frozenset({"history", "k"})
 _ROUTES: dict[str, frozenset[str]] = {
     "/recommend": frozenset({"POST"}),
@@ -34,23 +48,128 @@ _ROUTES: dict[str, frozenset[str]] = {
 }
 
 
-class _Server(ThreadingHTTPServer):
-    """Carries the service and limits to the handlers; worker threads never block shutdown."""
+class _Server(HTTPServer):
+    """Accepts on one thread, serves connections on `workers` pooled threads, refuses past `queue_size`."""
 
-    daemon_threads = True
+    request_queue_size = 128  # listen backlog: a burst is accepted at once, then queued or refused
 
     def __init__(self, address: tuple[str, int], service: RecommendService, max_body: int,
-                 io_timeout_s: float) -> None:
+                 io_timeout_s: float, workers: int, queue_size: int, allowed_hosts: Iterable[str] = ()) -> None:
         self.service = service
         self.max_body = max_body
         self.io_timeout_s = io_timeout_s
+        self.keepalive_idle_s = min(io_timeout_s, KEEPALIVE_IDLE_S)
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
+        self.allowed_hosts = _allowed_hosts(address[0]) | {h.lower() for h in allowed_hosts}
+        self._jobs: queue.Queue[tuple[Any, Any] | None] = queue.Queue(maxsize=queue_size)
+        self._active: set[socket.socket] = set()  # connections being served, closed at shutdown
+        self._active_lock = threading.Lock()
+        prefix = f"edgeguide-http-{self.server_address[1]}-worker"
+        self._workers = [threading.Thread(target=self._work, name=f"{prefix}-{i}", daemon=True) for i in range(workers)]
+        for thread in self._workers:
+            thread.start()
+
+    @property
+    def busy(self) -> bool:
+        """Connections are waiting for a worker: keep-alive connections should be given up."""
+        return not self._jobs.empty()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Accept thread: hand the connection to the pool, or refuse it at once when the queue is full."""
+        try:
+            self._jobs.put_nowait((request, client_address))
+        except queue.Full:
+            _refuse_busy(request)
+            self.shutdown_request(request)
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            request, client_address = job
+            with self._active_lock:
+                self._active.add(request)
+            try:
+                self.finish_request(request, client_address)
+            except Exception:
+                self.handle_error(request, client_address)
+            finally:
+                with self._active_lock:
+                    self._active.discard(request)
+                self.shutdown_request(request)
+
+    def server_close(self) -> None:
+        """Close the socket, drop queued connections, stop the workers."""
+        super().server_close()
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                self.shutdown_request(job[0])
+        for _ in self._workers:
+            self._jobs.put(None)
+        with self._active_lock:  # an idle keep-alive or stalled client must not hold up the stop
+            for request in list(self._active):
+                with contextlib.suppress(OSError):
+                    request.shutdown(socket.SHUT_RDWR)
+        for thread in self._workers:
+            thread.join(2.0)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # The handler already answers 500 for its own failures; this only sees socket trouble.
         _LOGGER.debug("http_connection_error client=%s", client_address, exc_info=True)
+
+
+_BUSY = json.dumps({"error": "the recommendation API is busy; retry in a moment"}).encode()
+
+
+def _refuse_busy(request: socket.socket) -> None:
+    """A short 503 written from the accept thread (bounded by a 1 s timeout), then the connection closes."""
+    head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json; charset=utf-8\r\n"
+            f"Content-Length: {len(_BUSY)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n").encode()
+    try:
+        request.settimeout(1.0)
+        request.sendall(head + _BUSY)
+    except OSError:
+        pass
+
+
+def _allowed_hosts(host: str) -> frozenset[str]:
+    """Host header values (without port, lower case) a request to this server may carry."""
+    names = {"localhost", host.lower().strip("[]")}
+    try:
+        bound = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return frozenset(names)
+    if bound.is_loopback:
+        names |= {"127.0.0.1", "::1"}
+    return frozenset(names)
+
+
+def host_problem(header: str | None, allowed: frozenset[str], port: int, wildcard: bool) -> str | None:
+    """Why a Host header does not name this server (DNS rebinding), or None when it does."""
+    if header is None:
+        return "the Host header is required"
+    host, port_text = header.strip().lower(), ""
+    if host.startswith("["):
+        host, _, rest = host[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else rest
+    elif host.count(":") == 1:
+        host, _, port_text = host.partition(":")
+    if port_text and port_text != str(port):
+        return f"Host {header!r:.100} names another port than {port}"
+    if host in allowed:
+        return None
+    if wildcard:  # bound to every address: any IP literal is ours; only names can be rebound
+        try:
+            ipaddress.ip_address(host)
+            return None
+        except ValueError:
+            pass
+    return (f"Host {header!r:.100} is not this server's address; use http://{sorted(allowed)[0]}:{port} "
+            "(names other than localhost are refused against DNS rebinding)")
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -63,8 +182,20 @@ class _Handler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True
 
     def setup(self) -> None:
-        self.timeout = self.server.io_timeout_s  # a stalled client only ties up its own thread
+        self.timeout = self.server.io_timeout_s  # a stalled client ties up one pooled worker, at most this long
         super().setup()
+
+    def handle(self) -> None:
+        """Requests of one connection; between them the wait for the next is short (keep-alive idle)."""
+        self.close_connection = True
+        self.handle_one_request()
+        while not self.close_connection:
+            self.connection.settimeout(self.server.keepalive_idle_s)
+            self.handle_one_request()
+
+    def parse_request(self) -> bool:
+        self.connection.settimeout(self.server.io_timeout_s)  # the request line arrived: the normal bound again
+        return super().parse_request()
 
     # ------------------------------------------------------------------ dispatch
     def do_GET(self) -> None:
@@ -80,6 +211,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self) -> None:
         path = urlsplit(self.path).path
+        problem = self._host_problem()
+        if problem is not None:
+            self._discard_body()
+            self._send(HTTPStatus.BAD_REQUEST if "required" in problem else HTTPStatus.MISDIRECTED_REQUEST,
+                       {"error": problem})
+            return
         methods = _ROUTES.get(path)
         if methods is None:
             self._discard_body()
@@ -106,7 +243,22 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error; see the agent log"})
 
     # ------------------------------------------------------------------ routes
+    def _host_problem(self) -> str | None:
+        header = self.headers.get("Host")
+        if header is None and self.request_version == "HTTP/1.0":
+            return None  # no browser omits Host: nothing to rebind
+        server = self.server
+        wildcard = server.server_address[0] in {"0.0.0.0", "::"}
+        return host_problem(header, server.allowed_hosts, int(server.server_address[1]), wildcard)
+
     def _recommend(self) -> None:
+        content_type = self.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
+        if content_type != "application/json":
+            self._discard_body()
+            self._send(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+                       {"error": f"POST bodies must be sent as Content-Type: application/json, got "
+                                 f"{content_type or 'none'!r:.60}"})
+            return
         body = self._read_body()
         if body is None:
             return
@@ -223,6 +375,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Cache-Control", "no-store")
         for name, value in (headers or {}).items():
             self.send_header(name, value)
+        if not self.close_connection and self.server.busy:
+            self.close_connection = True  # others wait for a worker: this keep-alive connection yields
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
@@ -279,18 +433,27 @@ class ServerHandle:
 
 
 def start_http_server(service: RecommendService, host: str = "127.0.0.1", port: int = 0,
-                      max_body: int = DEFAULT_MAX_BODY, *, io_timeout_s: float = DEFAULT_IO_TIMEOUT_S) -> ServerHandle:
-    """Serve `service` on host:port (0 = any free port) from a background thread and return its handle."""
+                      max_body: int = DEFAULT_MAX_BODY, *, io_timeout_s: float = DEFAULT_IO_TIMEOUT_S,
+                      workers: int = DEFAULT_WORKERS, queue_size: int = DEFAULT_QUEUE,
+                      allowed_hosts: Iterable[str] = ()) -> ServerHandle:
+    """Serve `service` on host:port (0 = any free port) and return its handle.
+
+    One accept thread plus `workers` pooled threads, whatever the number of connections; at most
+    `queue_size` connections wait for a worker, more are answered 503 at once. The Host header
+    must name `host`, localhost or one of `allowed_hosts` (421 otherwise).
+    """
     if not 0 <= port <= 65535:
         raise ValueError(f"port must be in 0..65535, got {port}")
     if max_body < 2:
         raise ValueError(f"max_body must be at least 2 bytes (an empty JSON object), got {max_body}")
     if io_timeout_s <= 0:
         raise ValueError(f"io_timeout_s must be > 0, got {io_timeout_s}")
+    if workers < 1 or queue_size < 1:
+        raise ValueError(f"workers and queue_size must be >= 1, got {workers} and {queue_size}")
     if not _is_loopback(host):
         _LOGGER.warning("http_public_bind host=%s: the recommendation API has no authentication", host)
     try:
-        server = _Server((host, port), service, max_body, io_timeout_s)
+        server = _Server((host, port), service, max_body, io_timeout_s, workers, queue_size, allowed_hosts)
     except OSError as exc:
         raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from exc
     bound_port = int(server.server_address[1])
@@ -298,7 +461,7 @@ def start_http_server(service: RecommendService, host: str = "127.0.0.1", port: 
                               name=f"edgeguide-http-{bound_port}", daemon=True)
     thread.start()
     handle = ServerHandle(host=host, port=bound_port, _server=server, _thread=thread)
-    _LOGGER.info("http_listening url=%s max_body=%d", handle.url, max_body)
+    _LOGGER.info("http_listening url=%s max_body=%d workers=%d queue=%d", handle.url, max_body, workers, queue_size)
     return handle
 
 
