@@ -1,13 +1,15 @@
 """`edgeguide-agent`: run the device agent, or check its configuration.
 
-Exit codes: 0 clean stop / valid config, 2 invalid configuration, 1 unexpected failure at start-up,
-3 fatal error while running (e.g. the network machinery could not start a thread): the process
-exits so its supervisor (systemd Restart=on-failure, the Termux loop) starts a fresh one.
+Exit codes (also in `--help`): 0 clean stop / valid config, 2 invalid configuration or HTTP port in
+use, 1 unexpected failure at start-up, 3 fatal error while running (e.g. the network machinery could
+not start a thread): the process exits so its supervisor (systemd Restart=on-failure, the Termux
+loop) starts a fresh one.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -30,17 +32,30 @@ EXIT_FATAL = 3
 FATAL_STOP_S = 20
 
 
+EXIT_CODES = """exit codes:
+  0  clean stop (SIGTERM/Ctrl-C), or --check-config found the configuration valid
+  1  unexpected failure at start-up (the log says what)
+  2  invalid configuration, or the HTTP port is already in use
+  3  fatal error while running: exits so its supervisor starts a fresh agent"""
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from agent import __version__
+
     p = argparse.ArgumentParser(
-        prog="edgeguide-agent",
+        prog="edgeguide-agent", epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="EdgeGuide device agent: receives signed models over MQTT, measures them on this device, "
                     "reports to the server and serves recommendations on a local HTTP port. Every option can also "
                     f"be set in the TOML file (--config) or as an environment variable {ENV_PREFIX}<OPTION> "
-                    f"(e.g. {ENV_PREFIX}DEVICE_ID); precedence: option > env > file > default.",
+                    f"(e.g. {ENV_PREFIX}DEVICE_ID; the broker is {ENV_PREFIX}BROKER or {ENV_PREFIX}BROKER_URL); "
+                    "precedence: option > env > file > default.",
     )
+    p.add_argument("--version", action="version", version=f"edgeguide-agent {__version__}")
     p.add_argument("--config", type=Path, help="TOML file with the settings (top level or an [agent] table)")
     p.add_argument("--device-id", help="this device's id, e.g. pi5-kitchen (letters, digits, _ and -)")
-    p.add_argument("--broker", dest="broker_url", help="broker URL, mqtt://HOST:PORT or mqtts://HOST:PORT")
+    p.add_argument("--broker", "--broker-url", dest="broker_url",
+                   help="broker URL, mqtt://HOST:PORT or mqtts://HOST:PORT (default mqtt://127.0.0.1:1883; "
+                        "config key broker or broker_url)")
     p.add_argument("--state-dir", type=Path, help="directory for model slots, downloads and the report outbox")
     p.add_argument("--server-key", type=Path, help="the server's Ed25519 public key (PEM) pinned by this device; "
                    "manifests, verdicts and commands signed by any other key are refused")
@@ -58,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="interpreter threads for serving and measuring (default 1)")
     p.add_argument("--quota-bytes", type=int, help="largest packed model this device accepts (default 64 MiB)")
     p.add_argument("--measure-mode", choices=("quick", "full"),
-                   help="quick (seconds, for tests and demos) or full (>= 1024 runs and 60 s, MLPerf rules)")
+                   help="full (default: >= 1024 runs and 60 s, MLPerf rules, what a real device needs) or quick "
+                        "(seconds; only for tests and demos)")
     p.add_argument("--verdict-timeout-s", type=float, help="how long a measured candidate waits for the server's "
                    "verdict before it is discarded (default 600)")
     p.add_argument("--heartbeat-s", type=float, help="seconds between heartbeats (default 30)")
@@ -79,8 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "connected and serving; for supervisors and tests")
     p.add_argument("--debug-modules-file", type=Path, help="at exit, write the names of all imported Python "
                    "modules to this file (used to prove TensorFlow is never loaded)")
-    p.add_argument("--log-level", default=os.environ.get(ENV_PREFIX + "LOG_LEVEL", "INFO"),
-                   help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    p.add_argument("--log-level", default=os.environ.get(ENV_PREFIX + "LOG_LEVEL"), type=str.upper,
+                   choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                   help=f"set the log level outright (default INFO, or env {ENV_PREFIX}LOG_LEVEL)")
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="-v or -vv: debug logging (the agent logs INFO by default)")
     return p
 
 
@@ -111,7 +130,8 @@ def _check_config(config_dict: dict) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
+    level = args.log_level or ("DEBUG" if args.verbose else "INFO")
+    logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr)
     overrides = {name: getattr(args, name) for name in _OVERRIDES}  # "none" for http_port disables HTTP
     try:
         config = load_config(args.config, overrides)
@@ -147,6 +167,14 @@ def _run(config, args: argparse.Namespace) -> int:  # noqa: ANN001 - AgentConfig
         while not stop_requested.wait(0.5):
             if agent.fatal_error is not None:
                 break
+    except OSError as exc:
+        agent.stop()
+        if exc.errno != errno.EADDRINUSE:
+            _LOGGER.exception("agent_failed")
+            return 1
+        print(f"error: {exc}: another process uses that port; pick another with --http-port PORT (0 = any free "
+              "port, none = no HTTP server)", file=sys.stderr)
+        return 2
     except Exception:
         _LOGGER.exception("agent_failed")
         agent.stop()

@@ -64,7 +64,7 @@ class AgentConfig:
     http_allowed_hosts: str = ""
     threads: int = 1
     quota_bytes: int = 64 * MIB
-    measure_mode: str = "quick"
+    measure_mode: str = "full"  # production rules; "quick" only where a test or demo asks for it
     verdict_timeout_s: float = 600.0
     heartbeat_s: float = 30.0
     outbox_max_bytes: int = 4 * MIB
@@ -93,9 +93,12 @@ class AgentConfig:
         except ProtocolError as exc:
             problems.append(f"topic_prefix: {exc}")
         if self.server_key is None:
-            problems.append("server_key: required (path of the server's Ed25519 public key PEM)")
+            problems.append("server_key: required (path of the server's Ed25519 public key PEM); write it on the "
+                            "server with `edgeguide-server export-key server-key.pem`, copy it to the device and "
+                            "pass --server-key server-key.pem")
         elif not Path(self.server_key).is_file():
-            problems.append(f"server_key: file {self.server_key} does not exist")
+            problems.append(f"server_key: file {self.server_key} does not exist (write it on the server with "
+                            "`edgeguide-server export-key FILE`)")
         else:
             try:
                 signing.load_public_key(Path(self.server_key))
@@ -199,15 +202,25 @@ def _from_toml(path: Path) -> dict[str, Any]:
     section = data.get("agent", data)
     if not isinstance(section, dict):
         raise ConfigError([f"config file {path}: [agent] must be a table"])
-    return {k: v for k, v in section.items() if not (k == "agent" and section is data)}
+    out = {k: v for k, v in section.items() if not (k == "agent" and section is data)}
+    if "broker" in out:  # the command line's name; broker_url stays the field's name
+        if "broker_url" in out:
+            raise ConfigError([f"config file {path}: give broker or broker_url, not both"])
+        out["broker_url"] = out.pop("broker")
+    return out
+
+
+# Environment names that mean the same field as EDGEGUIDE_<FIELD> (the server's spelling first).
+ENV_ALIASES = {"broker_url": (ENV_PREFIX + "BROKER",)}
 
 
 def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
     out = {}
     for name in _field_types():
-        key = ENV_PREFIX + name.upper()
-        if key in env:
-            out[name] = env[key]
+        for key in (ENV_PREFIX + name.upper(), *ENV_ALIASES.get(name, ())):
+            if key in env:
+                out[name] = env[key]
+                break
     return out
 
 

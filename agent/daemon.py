@@ -128,8 +128,12 @@ class Agent:
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
         """Open the active model, start serving, resume staging, then connect in the background."""
-        _LOGGER.info("agent_starting device=%s broker=%s state_dir=%s runtime=%s", self.device_id,
-                     redact_url(self.config.broker_url), self.config.state_dir, self.runtime)
+        _LOGGER.info("agent_starting device=%s broker=%s state_dir=%s runtime=%s measure_mode=%s", self.device_id,
+                     redact_url(self.config.broker_url), self.config.state_dir, self.runtime,
+                     self.config.measure_mode)
+        # Compare with what `edgeguide-server export-key` printed: a mismatch refuses every manifest.
+        _LOGGER.info("server_key_pinned path=%s fingerprint=%s", self.config.server_key,
+                     signing.fingerprint(self.server_key))
         if self._power_source == "detect":
             from agent.measure import detect_power_source
             self._power_source = detect_power_source()

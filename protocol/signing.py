@@ -7,6 +7,7 @@ our server can make a device accept a model or a verdict.
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
 from pathlib import Path
 
@@ -68,6 +69,13 @@ def ensure_keypair(private_path: Path, public_path: Path) -> Ed25519PrivateKey:
     return key
 
 
+def fingerprint(key: Ed25519PublicKey | Ed25519PrivateKey) -> str:
+    """`SHA256:<hex>` of the raw public key: short enough to compare by eye on the server and a device."""
+    public = key.public_key() if isinstance(key, Ed25519PrivateKey) else key
+    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return "SHA256:" + hashlib.sha256(raw).hexdigest()[:32]
+
+
 def sign(key: Ed25519PrivateKey, data: bytes) -> str:
     """Base64 Ed25519 signature of `data`."""
     return base64.b64encode(key.sign(data)).decode("ascii")
@@ -86,4 +94,4 @@ def verify(key: Ed25519PublicKey, data: bytes, signature: str | None) -> None:
     try:
         key.verify(raw, data)
     except InvalidSignature as exc:
-        raise SignatureError("signature does not match the pinned server key") from exc
+        raise SignatureError(f"signature does not match the pinned server key {fingerprint(key)}") from exc

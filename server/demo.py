@@ -41,6 +41,7 @@ class DemoOptions:
     workdir: Path | None = None
     measure_mode: str = "quick"
     verbose: int = 0
+    keep: bool = False  # keep the temporary work dir (a --workdir is always kept)
     train_overrides: dict[str, Any] = field(default_factory=dict)
     deploy_timeout_s: float = 600.0
 
@@ -245,9 +246,14 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> int:
             for line in _verdict_notes(final.verdict):
                 console.print(line)
         server.deployer.wait_reports()
-        console.print(f"reports written to {registry.reports_dir / final.deployment_id}")
+        if tmp is None or options.keep:  # never print a path that is about to be deleted
+            console.print(f"reports written to {registry.reports_dir / final.deployment_id}")
+        else:
+            console.print("the report files go with the temporary work dir; pass --keep (or --workdir DIR) to "
+                          "keep them")
         if final.status != "promoted":
-            console.print(Panel(f"deployment ended {final.status}: {final.reason}\nagent log: {agent.log_path}",
+            console.print(Panel(f"deployment ended {final.status}: {final.reason}\nagent log: {agent.log_path}"
+                                + ("" if tmp is None or options.keep else " (deleted on exit: pass --keep)"),
                                 style="red"))
             return 1
         history = _sample_history(built.int8_dir)
@@ -270,7 +276,8 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> int:
                 thing.stop()
             except Exception:  # keep stopping the rest
                 _LOGGER.exception("could not stop %r", thing)
-        if tmp is not None:
+        if tmp is not None and not options.keep:
             shutil.rmtree(tmp, ignore_errors=True)
-        elif options.workdir is not None:
-            console.print(f"demo files kept in {workdir}")
+        else:
+            console.print(f"demo files kept in {workdir} (data dir {workdir / 'server'}, agent log "
+                          f"{workdir / 'agent.log'})")

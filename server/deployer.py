@@ -26,7 +26,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from protocol import chunking
+from protocol import chunking, signing
 from protocol.artifact import unpacked_size
 from protocol.limits import DEFAULT_LIMITS
 from protocol.messages import Command, Event, Manifest, Report, Verdict
@@ -39,6 +39,15 @@ _LOGGER = logging.getLogger(__name__)
 
 Publish = Callable[[str, bytes], None]
 ChunkTransform = Callable[[str, int, bytes], bytes]
+
+
+# Device events that say something went wrong on the device: kept as its `last_error`.
+DEVICE_ERRORS = frozenset({"manifest_rejected", "verdict_rejected", "command_rejected", "load_failed", "error",
+                           "verify_failed"})
+# What protocol.signing says when a device's pinned key is not the one that signed.
+PINNED_KEY_MISMATCH = "does not match the pinned server key"
+CANCELLED = "cancelled by the operator"
+CANCEL_PENDING = "cancelled by the operator; a running server tells the device"
 
 
 @dataclass
@@ -327,11 +336,21 @@ class Deployer:
             return None
         return dep
 
+    def explain(self, reason: str) -> str:
+        """A device's rejection plus the way forward when it pinned another server key."""
+        if PINNED_KEY_MISMATCH not in reason:
+            return reason
+        return (f"{reason}; this server signs with {signing.fingerprint(self.key)}: the agent pins another "
+                "server's key. Run `edgeguide-server export-key KEY.pem` on this server and restart the agent "
+                "with --server-key KEY.pem")
+
     def handle_event(self, event: Event) -> None:
         """React to a device event about a deployment."""
         detail = event.reason or (f"missing={event.missing[:20]}" if event.missing else "")
         self.registry.log_event(f"device:{event.type}", device_id=event.device_id,
                                 deployment_id=event.deployment_id, detail=detail or "")
+        if event.type in DEVICE_ERRORS:
+            self.registry.set_device_error(event.device_id, self.explain(f"{event.type}: {event.reason or ''}"))
         dep = self._active(event.deployment_id, event.device_id, f"event {event.type}")
         if dep is None:
             return
@@ -347,7 +366,8 @@ class Deployer:
             elif dep.status in {"pending", "transferring"}:
                 self.send_chunks(dep, event.missing)
         elif kind == "manifest_rejected":
-            self._finish(dep, "rejected", f"device rejected the manifest: {event.reason or 'no reason given'}")
+            self._finish(dep, "rejected",
+                         self.explain(f"device rejected the manifest: {event.reason or 'no reason given'}"))
         elif kind in {"download_complete", "measuring"}:
             self._transition(dep, "measuring", ("pending", "transferring"), event.reason or "")
         elif kind == "verify_failed":
@@ -452,10 +472,34 @@ class Deployer:
             self._write_report(dep.deployment_id)  # the files show the final status
         return changed
 
+    # ---- cancelling -------------------------------------------------------------------------
+    def cancel(self, deployment_id: str, *, notify: bool) -> DeploymentRecord:
+        """End a deployment in progress as `cancelled`; tell its device now (`notify`) or on the next tick.
+
+        A process without a broker (the CLI) records CANCEL_PENDING; the running server's tick
+        sends the signed cancel command, so the device drops the candidate and keeps its model.
+        """
+        dep = self.registry.deployment(deployment_id)
+        if dep.terminal:
+            raise DeployError(f"deployment {deployment_id} already ended: {dep.status} ({dep.reason or '-'})")
+        if not self._finish(dep, "cancelled", CANCELLED if notify else CANCEL_PENDING):
+            raise DeployError(f"deployment {deployment_id} ended while cancelling: "
+                              f"{self.registry.deployment(deployment_id).status}")
+        if notify:
+            self.send_command(dep.device_id, "cancel", dep.deployment_id)
+        return self.registry.deployment(deployment_id)
+
+    def _tell_cancelled(self) -> None:
+        for row in self.registry.db.query("SELECT deployment_id, device_id FROM deployments WHERE status = ?"
+                                          " AND reason = ?", ("cancelled", CANCEL_PENDING)):
+            self.send_command(row["device_id"], "cancel", row["deployment_id"])
+            self.registry.update_deployment(row["deployment_id"], reason=CANCELLED)
+
     # ---- periodic work ---------------------------------------------------------------------
     def tick(self, now: float | None = None) -> None:
         """Start pending deployments (also those created by the CLI) and time out overdue ones."""
         now = time.time() if now is None else now
+        self._tell_cancelled()
         active = self.registry.deployments(active_only=True)
         offline = {d.device_id: d for d in self.registry.offline_devices()} if active else {}
         for dep in active:

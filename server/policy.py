@@ -21,7 +21,7 @@ DEFAULT_POLICY_FILE = Path(__file__).with_name("policies") / "default.toml"
 
 
 class PolicyError(ValueError):
-    """A policy file names an unknown check, a wrong bound direction or a non-numeric limit."""
+    """A policy file names an unknown check, a wrong bound direction, a non-numeric or out-of-range limit."""
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,21 @@ def _make_limit(name: str, op: str, value: Any, required: Any) -> Limit:
         raise PolicyError(f"check {name!r}: limit must be a finite number, got {value!r}")
     if not isinstance(required, bool):
         raise PolicyError(f"check {name!r}: required must be true or false, got {required!r}")
+    _check_range(name, spec, float(value))
     return Limit(name, op, float(value), required)
+
+
+def _check_range(name: str, spec: CheckSpec, value: float) -> None:
+    """Refuse limits no figure can sensibly meet: a share above 1 (90 meant as 90 %), a negative size or time."""
+    if spec.unit == "":  # agreement and NDCG ratios are shares in 0..1
+        if not 0.0 <= value <= 1.0:
+            hint = f"; for {value:g} % write {value / 100:.2f}" if 1.0 < value <= 100.0 else ""
+            raise PolicyError(f"check {name!r}: {spec.op} must be a share within 0..1, got {value:g}{hint}")
+    elif spec.unit == "%":
+        if value <= -100.0:
+            raise PolicyError(f"check {name!r}: a change in percent must be above -100, got {value:g}")
+    elif value < 0:
+        raise PolicyError(f"check {name!r}: a {spec.unit} limit cannot be negative, got {value:g}")
 
 
 def _parse_section(section: str, body: Any) -> list[Limit]:

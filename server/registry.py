@@ -30,8 +30,8 @@ DEFAULT_DATA_DIR = Path.home() / ".local" / "share" / "edgeguide"
 DB_FILE = "registry.sqlite"
 
 STATUSES = ("pending", "transferring", "measuring", "passed", "failed", "rejected", "promoted",
-            "rolled_back", "timeout")
-TERMINAL = frozenset({"rejected", "promoted", "rolled_back", "timeout"})
+            "rolled_back", "timeout", "cancelled")
+TERMINAL = frozenset({"rejected", "promoted", "rolled_back", "timeout", "cancelled"})
 ACTIVE = frozenset(STATUSES) - TERMINAL
 # Event details are device-supplied reasons and server messages: cut to this many characters.
 EVENT_DETAIL_MAX_CHARS = 1000
@@ -86,7 +86,18 @@ _SCHEMA = (
     # Retention (prune_events) deletes by device and by age.
     "CREATE INDEX IF NOT EXISTS events_device ON events (device_id, id)",
     "CREATE INDEX IF NOT EXISTS events_ts ON events (ts)",
+    # An unregistered artifact keeps its row (past deployments refer to it; its version is never
+    # reused) but is hidden from lookups and listings, and its files are deleted.
+    """CREATE TABLE IF NOT EXISTS withdrawn_artifacts (
+        id TEXT PRIMARY KEY,
+        ts DOUBLE PRECISION NOT NULL)""",
+    # Every running server process stamps its row: a CLI waiting on a deployment can tell
+    # "no server is running" from "the device is slow".
+    """CREATE TABLE IF NOT EXISTS servers (
+        client_id TEXT PRIMARY KEY,
+        last_seen DOUBLE PRECISION NOT NULL)""",
 )
+_VISIBLE = "id NOT IN (SELECT id FROM withdrawn_artifacts)"
 
 
 class RegistryError(Exception):
@@ -291,10 +302,11 @@ class Registry:
     def artifact(self, model_id: str, version: int | None = None) -> ArtifactRecord:
         """The artifact `model_id` at `version`, or its latest version."""
         if version is None:
-            rows = self.db.query("SELECT * FROM artifacts WHERE model_id = ? ORDER BY version DESC LIMIT 1",
-                                 (model_id,))
+            rows = self.db.query(f"SELECT * FROM artifacts WHERE model_id = ? AND {_VISIBLE}"
+                                 " ORDER BY version DESC LIMIT 1", (model_id,))
         else:
-            rows = self.db.query("SELECT * FROM artifacts WHERE model_id = ? AND version = ?", (model_id, version))
+            rows = self.db.query(f"SELECT * FROM artifacts WHERE model_id = ? AND version = ? AND {_VISIBLE}",
+                                 (model_id, version))
         if not rows:
             known = sorted({a.id for a in self.artifacts()})
             what = model_id if version is None else f"{model_id}@{version}"
@@ -308,7 +320,43 @@ class Registry:
         return ArtifactRecord.from_row(rows[0])
 
     def artifacts(self) -> list[ArtifactRecord]:
-        return [ArtifactRecord.from_row(r) for r in self.db.query("SELECT * FROM artifacts ORDER BY version")]
+        return [ArtifactRecord.from_row(r)
+                for r in self.db.query(f"SELECT * FROM artifacts WHERE {_VISIBLE} ORDER BY version")]
+
+    def unregister(self, model_id: str, version: int) -> ArtifactRecord:
+        """Withdraw one version: hidden from deploys and listings, files deleted, history kept.
+
+        Refused while a deployment of it is in progress or a device runs it (roll that device
+        forward first): the registry must still be able to say what each device runs.
+        """
+        artifact = self.artifact(model_id, version)
+        busy = [d.deployment_id for d in self.deployments(active_only=True) if d.artifact_id == artifact.id]
+        if busy:
+            raise RegistryError(f"{artifact.id} has deployments in progress: {busy}; cancel them first "
+                                "(`edgeguide-server cancel ID`)")
+        running = [d.device_id for d in self.devices()
+                   if (d.active_model_id, d.active_version) == (artifact.model_id, artifact.version)]
+        if running:
+            raise RegistryError(f"{artifact.id} is the active model of {running}; deploy another version to "
+                                "them first")
+        self.db.execute("INSERT INTO withdrawn_artifacts (id, ts) VALUES (?, ?)", (artifact.id, time.time()))
+        shutil.rmtree(artifact.path, ignore_errors=True)
+        for path in (artifact.packed_path, chunk_digests_path(artifact.packed_path)):
+            path.unlink(missing_ok=True)
+        self.log_event("unregistered", detail=artifact.id)
+        _LOGGER.info("unregistered %s", artifact.id)
+        return artifact
+
+    # ---- server processes --------------------------------------------------------------------
+    def server_alive(self, client_id: str) -> None:
+        """Stamp `client_id`'s row now (a running server calls this every few seconds)."""
+        self.db.execute("INSERT INTO servers (client_id, last_seen) VALUES (?, ?) ON CONFLICT (client_id)"
+                        " DO UPDATE SET last_seen = excluded.last_seen", (client_id, time.time()))
+
+    def last_server_seen(self) -> float | None:
+        """When any server process last stamped its row (None: never)."""
+        rows = self.db.query("SELECT MAX(last_seen) AS t FROM servers")
+        return float(rows[0]["t"]) if rows and rows[0]["t"] is not None else None
 
     # ---- devices ---------------------------------------------------------------------------
     def upsert_device(self, device_id: str, *, status: str | None = None, active_model_id: str | None = None,
@@ -356,6 +404,22 @@ class Registry:
 
     def devices(self) -> list[DeviceRecord]:
         return [DeviceRecord.from_row(r) for r in self.db.query("SELECT * FROM devices ORDER BY device_id")]
+
+    def set_device_error(self, device_id: str, error: str) -> None:
+        """Record what last went wrong on a device (shown by `edgeguide-server devices`)."""
+        self.db.execute("UPDATE devices SET last_error = ? WHERE device_id = ?",
+                        (error[:EVENT_DETAIL_MAX_CHARS], device_id))
+
+    def remove_device(self, device_id: str) -> DeviceRecord:
+        """Forget a device (its deployments and events stay); refused while a deployment to it runs."""
+        device = self.device(device_id)
+        busy = [d.deployment_id for d in self.deployments(active_only=True, device_id=device_id)]
+        if busy:
+            raise RegistryError(f"device {device_id!r} has deployments in progress: {busy}; cancel them first "
+                                "(`edgeguide-server cancel ID`)")
+        self.db.execute("DELETE FROM devices WHERE device_id = ?", (device_id,))
+        self.log_event("device_removed", device_id=device_id)
+        return device
 
     def offline_devices(self) -> list[DeviceRecord]:
         """Devices whose last state said offline (a Last Will or a clean stop); `last_seen` is when."""

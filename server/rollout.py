@@ -29,6 +29,7 @@ _LOGGER = logging.getLogger(__name__)
 
 RUNNING, ROLLING_BACK, ABORTED, COMPLETED = "running", "rolling_back", "aborted", "completed"
 FINISHED = frozenset({ABORTED, COMPLETED})
+SKIPPED = "skipped"  # a device outcome: it already ran the version, nothing was sent
 _CLAIM = "claiming"  # placeholder deployment id while one process creates the device's deployment
 
 _SCHEMA = (
@@ -179,6 +180,14 @@ class RolloutManager:
                policy: Policy | None = None) -> RolloutRecord:
         """Record a running rollout of `model_id` (latest version unless given); a server tick starts it."""
         artifact = self.registry.artifact(model_id, version)
+        unknown = [d for stage in plan.stages for d in stage.devices if self.registry.find_device(d) is None]
+        if unknown:
+            known = [d.device_id for d in self.registry.devices()]
+            raise RolloutError("refusing the rollout: " + "; ".join(
+                f"device {d!r} has never been seen (start its agent first)" for d in unknown)
+                + f". Known devices: {known or 'none'}")
+        skipped = {d: why for stage in plan.stages for d in stage.devices
+                   if (why := self._already_on(d, artifact.model_id, artifact.version))}
         rollout_id = f"r-{secrets.token_hex(6)}"
         now = time.time()
         with self.db.transaction():
@@ -189,13 +198,22 @@ class RolloutManager:
                  json.dumps(policy.to_dict()) if policy else None, RUNNING, now, now))
             for index, stage in enumerate(plan.stages):
                 for device in stage.devices:
-                    self.db.execute("INSERT INTO rollout_devices (rollout_id, device_id, stage) VALUES (?, ?, ?)",
-                                    (rollout_id, device, index))
+                    self.db.execute("INSERT INTO rollout_devices (rollout_id, device_id, stage, outcome, detail)"
+                                    " VALUES (?, ?, ?, ?, ?)", (rollout_id, device, index,
+                                                                SKIPPED if device in skipped else None,
+                                                                skipped.get(device, "")))
         summary = ", ".join(f"{s.name}={len(s.devices)}" for s in plan.stages)
         self.registry.log_event("rollout:created", detail=f"{rollout_id} {artifact.id} stages {summary} "
                                                           f"max_failure_pct={plan.max_failure_pct}")
         _LOGGER.info("rollout %s of %s created: %s", rollout_id, artifact.id, summary)
         return self.get(rollout_id)
+
+    def _already_on(self, device_id: str, model_id: str, version: int) -> str | None:
+        """Why `device_id` needs no deployment (it runs this version already), or None."""
+        device = self.registry.find_device(device_id)
+        if device is not None and (device.active_model_id, device.active_version) == (model_id, version):
+            return f"skipped: already runs {model_id}@{version}"
+        return None
 
     def get(self, rollout_id: str) -> RolloutRecord:
         rows = self.db.query("SELECT * FROM rollouts WHERE rollout_id = ?", (rollout_id,))
@@ -222,14 +240,14 @@ class RolloutManager:
         members = [d for d in rollout.devices.values() if d["stage"] == rollout.stage]
         if rollout.status == RUNNING:
             for member in members:
-                if member["deployment_id"] is None:
+                if member["deployment_id"] is None and member["outcome"] is None:
                     self._start_device(rollout, member["device_id"])
         self._collect_outcomes(rollout)
         rollout = self.get(rollout.rollout_id)
         members = [d for d in rollout.devices.values() if d["stage"] == rollout.stage]
         failed = sum(1 for m in members if m["outcome"] == "failed")
         done = all(m["outcome"] is not None for m in members)
-        pct = 100.0 * failed / len(members)
+        pct = 100.0 * failed / len(members)  # a skipped device counts as done, not failed
         name = rollout.plan.stages[rollout.stage].name
         if rollout.status == RUNNING and pct > rollout.plan.max_failure_pct:
             reason = (f"stage {name!r}: {failed} of {len(members)} devices failed ({pct:.0f} % > "
@@ -254,7 +272,13 @@ class RolloutManager:
     def _start_device(self, rollout: RolloutRecord, device_id: str) -> None:
         # Claim the row first: with several server processes, exactly one creates the deployment.
         if self.db.execute("UPDATE rollout_devices SET deployment_id = ? WHERE rollout_id = ? AND device_id = ?"
-                           " AND deployment_id IS NULL", (_CLAIM, rollout.rollout_id, device_id)) != 1:
+                           " AND deployment_id IS NULL AND outcome IS NULL",
+                           (_CLAIM, rollout.rollout_id, device_id)) != 1:
+            return
+        why = self._already_on(device_id, rollout.model_id, rollout.version)
+        if why:  # promoted since the rollout was created (e.g. by a plain deploy)
+            self.db.execute("UPDATE rollout_devices SET deployment_id = NULL, outcome = ?, detail = ?"
+                            " WHERE rollout_id = ? AND device_id = ?", (SKIPPED, why, rollout.rollout_id, device_id))
             return
         policy = Policy.from_dict(rollout.policy) if rollout.policy else None
         try:

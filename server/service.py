@@ -32,6 +32,10 @@ _LOGGER = logging.getLogger(__name__)
 _DECODERS = {"state": DeviceState, "heartbeat": Heartbeat, "event": Event, "report": Report}
 
 
+# How often a running server stamps its row in the registry (`edgeguide-server deploy --wait` reads it).
+SERVER_ALIVE_S = 5.0
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """How the server reaches its broker and paces its periodic work."""
@@ -160,6 +164,7 @@ class EdgeGuideServer:
     def _run(self) -> None:
         next_tick = time.monotonic()
         next_prune = next_tick
+        next_alive = next_tick
         while not self._stopping.is_set():
             try:
                 item = self._inbox.get(timeout=max(0.0, next_tick - time.monotonic()))
@@ -173,6 +178,9 @@ class EdgeGuideServer:
                 topic, payload = item
                 self._guarded(topic, payload, lambda t=topic, p=payload: self.handle(t, p))
             if time.monotonic() >= next_tick:
+                if time.monotonic() >= next_alive:
+                    self._guarded("alive", b"", lambda: self.registry.server_alive(self.config.client_id))
+                    next_alive = time.monotonic() + SERVER_ALIVE_S
                 self._guarded("tick", b"", self.deployer.tick)
                 self._guarded("rollout tick", b"", self.rollouts.tick)
                 next_tick = time.monotonic() + self.config.tick_s
@@ -208,6 +216,11 @@ class EdgeGuideServer:
                                     detail=f"{topic[:200]}: {exc}")
             return
         if isinstance(message, DeviceState):
+            before = self.registry.find_device(message.device_id)
+            if before is None or (before.status, before.active_model_id, before.active_version) != (
+                    message.status, message.active_model_id, message.active_version):
+                _LOGGER.info("device %s %s, active %s@%s", message.device_id, message.status,
+                             message.active_model_id, message.active_version)
             self.registry.upsert_device(message.device_id, status=message.status,
                                         active_model_id=message.active_model_id,
                                         active_version=message.active_version, runtime=message.runtime,
@@ -244,9 +257,33 @@ class EdgeGuideServer:
         return wait_for_deployment(self.registry, deployment_id, timeout, poll_s)
 
 
+def stall_reason(registry: Registry, dep: DeploymentRecord, now: float | None = None) -> str:
+    """Why a deployment has not ended yet, from what the registry records (server stamps, device state)."""
+    now = time.time() if now is None else now
+    why = []
+    seen = registry.last_server_seen()
+    if seen is None or now - seen > 3 * SERVER_ALIVE_S:
+        since = "never" if seen is None else f"last {now - seen:.0f} s ago"
+        why.append(f"no server heartbeat seen ({since}): no `edgeguide-server serve` runs on this registry; start "
+                   "one, or pass --broker to run the deployment in this command")
+    device = registry.find_device(dep.device_id)
+    if device is None:
+        why.append(f"device {dep.device_id!r} has never been seen")
+    elif device.status == "offline":
+        why.append(f"device {dep.device_id!r} is offline (its agent disconnected {now - device.last_seen:.0f} s ago)")
+    elif device.last_error:
+        why.append(f"device {dep.device_id!r} last error: {device.last_error}")
+    if dep.reason:
+        why.append(f"last reason: {dep.reason}")
+    return "; ".join(why) or "no reason recorded"
+
+
 def wait_for_deployment(registry: Registry, deployment_id: str, timeout: float, poll_s: float = 0.2,
                         on_change: Callable[[DeploymentRecord], object] | None = None) -> DeploymentRecord:
-    """Poll the registry (works across processes) until `deployment_id` is promoted/rolled back/rejected/timed out."""
+    """Poll the registry (works across processes) until `deployment_id` is promoted/rolled back/rejected/timed out.
+
+    TimeoutError says why it is stuck (no server running, device offline, the device's last error).
+    """
     deadline = time.monotonic() + timeout
     last = None
     while True:
@@ -258,6 +295,7 @@ def wait_for_deployment(registry: Registry, deployment_id: str, timeout: float, 
         if dep.terminal:
             return dep
         if time.monotonic() > deadline:
-            raise TimeoutError(f"deployment {deployment_id} still {dep.status!r} after {timeout:.0f} s "
-                               f"({dep.reason or 'no reason recorded'})")
+            raise TimeoutError(f"deployment {deployment_id} still {dep.status!r} after {timeout:.0f} s: "
+                               f"{stall_reason(registry, dep)}. It stays queued; `edgeguide-server cancel "
+                               f"{deployment_id}` ends it")
         time.sleep(poll_s)

@@ -113,7 +113,7 @@ def start_agent(device_id: str, broker_url: str, state_dir: Path, key_file: Path
     """An in-process agent with short timers and the tiny measurement settings."""
     config = AgentConfig(device_id=device_id, broker_url=broker_url, state_dir=state_dir, server_key=key_file,
                          topic_prefix=prefix, http_port=None, heartbeat_s=5.0, chunk_stall_s=2.0,
-                         verdict_timeout_s=60.0, report_resend_s=2.0, **changes)
+                         verdict_timeout_s=60.0, report_resend_s=2.0, measure_mode="quick", **changes)
     agent = Agent(config.validate(), measure_config=MeasureConfig(**TINY_MEASURE), power_source=None)
     agent.start()
     return agent

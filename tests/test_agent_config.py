@@ -59,7 +59,7 @@ def test_bad_toml_and_bad_types_name_the_culprit(tmp_path: Path) -> None:
 def test_defaults_are_the_documented_ones() -> None:
     c = AgentConfig()
     assert (c.http_host, c.http_port, c.threads, c.quota_bytes, c.measure_mode) == \
-        ("127.0.0.1", 8700, 1, 64 * 1024 * 1024, "quick")
+        ("127.0.0.1", 8700, 1, 64 * 1024 * 1024, "full")
 
 
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -153,3 +153,55 @@ def test_http_allowed_hosts_must_be_host_names() -> None:
     assert ok.allowed_hosts == ["pi-01.local", "kiosk"]
     with pytest.raises(ConfigError, match="http_allowed_hosts: not host names"):
         AgentConfig(device_id="pi-1", http_allowed_hosts="evil.example:80,a b").validate()
+
+
+def test_version_exit_codes_and_the_names_shared_with_the_server(tmp_path: Path) -> None:
+    version = _cli("--version")
+    assert version.returncode == 0 and version.stdout.startswith("edgeguide-agent ")
+    assert "exit codes:" in _cli("--help").stdout
+    _, pub = new_keypair(tmp_path)
+    base = ("--check-config", "--device-id", "pi-9", "--state-dir", str(tmp_path / "s"), "--server-key", str(pub))
+    # The server's env name and the agent's older one both set the broker; the option beats both.
+    for env_name in ("EDGEGUIDE_BROKER", "EDGEGUIDE_BROKER_URL"):
+        done = _cli(*base, env={env_name: "mqtt://broker.test:1884"})
+        assert done.returncode == 0, done.stderr
+        config = json.loads(done.stdout)["config"]
+        assert config["broker_url"] == "mqtt://broker.test:1884", env_name
+        assert config["measure_mode"] == "full"  # production measurement unless asked otherwise
+    done = _cli(*base, "--broker-url", "mqtt://opt.test:1", "-v", env={"EDGEGUIDE_BROKER": "mqtt://env.test:1"})
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["config"]["broker_url"] == "mqtt://opt.test:1"
+    assert _cli(*base, "--log-level", "debug").returncode == 0
+    conf = tmp_path / "agent.toml"
+    conf.write_text(f'device_id = "pi-1"\nserver_key = "{pub}"\nstate_dir = "{tmp_path / "s"}"\n'
+                    'broker = "mqtt://file.test:1"\n')
+    assert load_config(conf, env={}).broker_url == "mqtt://file.test:1"
+
+
+def test_a_missing_server_key_points_to_export_key(tmp_path: Path) -> None:
+    done = _cli("--check-config", "--device-id", "pi-9", "--state-dir", str(tmp_path))
+    assert done.returncode == 2
+    assert "edgeguide-server export-key" in done.stderr and "--server-key" in done.stderr
+    done = _cli("--check-config", "--device-id", "pi-9", "--state-dir", str(tmp_path), "--server-key",
+                str(tmp_path / "nope.pem"))
+    assert done.returncode == 2 and "export-key" in done.stderr
+
+
+def test_http_port_in_use_is_one_line_and_the_pinned_key_fingerprint_is_logged(tmp_path: Path) -> None:
+    import socket
+
+    from protocol import signing
+    from server.mosquitto import free_port
+
+    _, pub = new_keypair(tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = _cli("--device-id", "pi-9", "--state-dir", str(tmp_path / "s"), "--server-key", str(pub),
+                    "--broker", f"mqtt://127.0.0.1:{free_port()}", "--http-port", str(port))
+    assert done.returncode == 2, done.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr and "--http-port" in done.stderr
+    assert "Traceback" not in done.stderr
+    fingerprint = signing.fingerprint(signing.load_public_key(pub))
+    assert f"server_key_pinned path={pub} fingerprint={fingerprint}" in done.stderr

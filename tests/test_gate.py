@@ -160,6 +160,12 @@ def test_flat_and_table_policies_are_equivalent() -> None:
     ("[limits\nmax_p90_ms = 3\n", "invalid TOML"),
     ("name = 'x'\n", "sets no limits"),
     ("[limit]\nmax_p90_ms = 3\n", "unknown top-level keys ['limit']"),
+    # Range checks: a share written as a percentage, negative sizes and times.
+    ("[limits.agreement_at_k]\nmin = 90\n", "share within 0..1, got 90; for 90 % write 0.90"),
+    ("[limits]\nmin_ndcg_vs_reference = -0.1\n", "share within 0..1, got -0.1"),
+    ("[limits]\nmax_p90_ms = -5\n", "a ms limit cannot be negative, got -5"),
+    ("[limits]\nmax_model_bytes = -1\n", "a B limit cannot be negative"),
+    ("[relative]\nmax_p90_regression_pct = -100\n", "above -100"),
 ])
 def test_bad_policies_are_refused_with_the_offending_key(text: str, message: str) -> None:
     with pytest.raises(PolicyError, match=message.replace("[", r"\[").replace("]", r"\]")):

@@ -60,7 +60,7 @@ class Rig:
         self.state_dir = tmp / "state"
         self.config = AgentConfig(device_id=self.device_id, broker_url=mosquitto_url, state_dir=self.state_dir,
                                   server_key=self.pub, topic_prefix=prefix, http_port=0, heartbeat_s=1.0,
-                                  chunk_stall_s=1.0, verdict_timeout_s=60.0)
+                                  chunk_stall_s=1.0, verdict_timeout_s=60.0, measure_mode="quick")
         self.server = ServerPeer(mosquitto_url, Topics(prefix), self.device_id, self.key).start()
         self.agent: Agent | None = None
 
@@ -256,7 +256,7 @@ def _spawn(rig: Rig, ready: Path, modules: Path, log: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "agent", "--device-id", rig.device_id, "--broker", rig.config.broker_url,
            "--state-dir", str(rig.state_dir), "--server-key", str(rig.pub), "--topic-prefix",
            rig.config.topic_prefix, "--http-port", "0", "--chunk-stall-s", "30", "--heartbeat-s", "5",
-           "--once-ready-file", str(ready), "--debug-modules-file", str(modules)]
+           "--once-ready-file", str(ready), "--debug-modules-file", str(modules), "--measure-mode", "quick"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=open(log, "ab"), cwd=REPO)  # noqa: SIM115
     deadline = time.monotonic() + 30
     while not ready.exists():

@@ -92,7 +92,8 @@ class Fleet:
     def start(self, device_id: str, **changes: object) -> Agent:
         config = AgentConfig(device_id=device_id, broker_url=self.broker_url, state_dir=self.tmp / device_id,
                              server_key=self.key_file, topic_prefix=self.prefix, http_port=None, heartbeat_s=5.0,
-                             chunk_stall_s=2.0, verdict_timeout_s=60.0, **changes)  # type: ignore[arg-type]
+                             chunk_stall_s=2.0, verdict_timeout_s=60.0, measure_mode="quick",
+                             **changes)  # type: ignore[arg-type]
         agent = Agent(config.validate(), measure_config=MeasureConfig(**TINY_MEASURE), power_source=None)
         agent.start()
         self.agents[device_id] = agent
@@ -173,6 +174,43 @@ def test_failed_wave_stops_the_rollout_and_rolls_back_its_promoted_devices(
         assert registry.deployments(device_id="ro-late") == []
         assert [e["device_id"] for e in registry.events(kind_prefix="rollout:rollback_sent")] == ["ro-good"]
         assert any(e["kind"] == "device:rolled_back" for e in registry.events(device_id="ro-good"))
+    finally:
+        server.stop()
+
+
+@pytest.mark.network
+def test_devices_already_on_the_version_are_skipped_and_unseen_devices_refused(
+        fleet: tuple[Fleet, Registry], mosquitto, topic_prefix: str, tiny_artifact: Path) -> None:
+    env, registry = fleet
+    v1 = registry.register(tiny_artifact)
+    v2 = registry.register(tiny_artifact)
+    env.preinstall("sk-canary", v2.packed_path.read_bytes(), v2.version, v2.model_id)  # already on v2
+    env.preinstall("sk-wave", v1.packed_path.read_bytes(), v1.version, v1.model_id)
+    env.start("sk-canary")
+    env.start("sk-wave")
+    server = EdgeGuideServer(registry, ServerConfig(broker_url=mosquitto.url, topic_prefix=topic_prefix,
+                                                    client_id=f"srv-{topic_prefix}", tick_s=0.2)).start()
+    try:
+        _until(lambda: len(registry.devices()) == 2 and registry.device("sk-canary").active_version == v2.version,
+               20, "both devices seen")
+        # Never-seen devices: refused up front, one reason per device, nothing recorded.
+        plan = RolloutPlan((Stage("canary", ("sk-canary", "ghost-1")), Stage("wave-1", ("sk-wave", "ghost-2"))))
+        with pytest.raises(RolloutError) as refused:
+            server.rollouts.create(v2.model_id, plan, version=v2.version, policy=POLICY)
+        assert "device 'ghost-1' has never been seen" in str(refused.value)
+        assert "device 'ghost-2' has never been seen" in str(refused.value)
+        assert server.rollouts.rollouts() == []
+        # A canary already on the version counts as done (skipped), it does not abort the rollout.
+        plan = RolloutPlan((Stage("canary", ("sk-canary",)), Stage("wave-1", ("sk-wave",))), max_failure_pct=0)
+        rollout = server.rollouts.create(v2.model_id, plan, version=v2.version, policy=POLICY)
+        assert rollout.devices["sk-canary"]["outcome"] == "skipped"
+        assert f"already runs {v2.id}" in rollout.devices["sk-canary"]["detail"]
+        _until(lambda: server.rollouts.get(rollout.rollout_id).finished, 60, "rollout finished")
+        final = server.rollouts.get(rollout.rollout_id)
+        assert final.status == "completed", final
+        assert {d: m["outcome"] for d, m in final.devices.items()} == {"sk-canary": "skipped", "sk-wave": "promoted"}
+        assert registry.deployments(device_id="sk-canary") == []  # nothing was sent to it
+        assert env.active_version("sk-wave") == v2.version
     finally:
         server.stop()
 

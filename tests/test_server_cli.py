@@ -18,21 +18,28 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
-def test_every_subcommand_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_every_subcommand_has_help_defaults_and_exit_codes(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args([command, "--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert f"edgeguide-server {command}" in out
-    for action in build_parser()._subparsers._group_actions[0].choices[command]._actions:  # every option explained
+    subparser = build_parser()._subparsers._group_actions[0].choices[command]
+    assert f"usage: {subparser.prog}" in out and subparser.prog.startswith("edgeguide-server ")
+    assert "exit codes:" in out and "3    --wait ran out of time" in out
+    assert subparser.description, f"{command} has no description"
+    formatter = subparser._get_formatter()
+    for action in subparser._actions:  # every option explained, its default shown
         assert action.help, f"{command} {action.option_strings or action.dest} has no help text"
+        if action.option_strings and action.default not in (None, False, "==SUPPRESS==") \
+                and action.dest != "help":
+            assert "default" in formatter._expand_help(action), f"{command} {action.option_strings} hides its default"
 
 
 def test_register_list_export_key_and_refuse_an_unknown_device(tmp_path: Path, tiny_artifact: Path,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
     data = ["--data-dir", str(tmp_path / "data")]
     assert main([*data, "register", str(tiny_artifact), "--model-id", "tiny"]) == 0
-    assert "registered tiny version 1" in capsys.readouterr().out
+    assert "registered tiny@1" in capsys.readouterr().out
     assert main([*data, "artifacts"]) == 0
     assert "tiny@1" in capsys.readouterr().out
     assert main([*data, "export-key", str(tmp_path / "key.pem")]) == 0

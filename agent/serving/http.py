@@ -61,11 +61,13 @@ class _Server(HTTPServer):
         self.keepalive_idle_s = min(io_timeout_s, KEEPALIVE_IDLE_S)
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
-        super().__init__(address, _Handler)
-        self.allowed_hosts = _allowed_hosts(address[0]) | {h.lower() for h in allowed_hosts}
+        # Set before binding: a failed bind calls server_close(), which drains these.
         self._jobs: queue.Queue[tuple[Any, Any] | None] = queue.Queue(maxsize=queue_size)
         self._active: set[socket.socket] = set()  # connections being served, closed at shutdown
         self._active_lock = threading.Lock()
+        self._workers: list[threading.Thread] = []
+        super().__init__(address, _Handler)
+        self.allowed_hosts = _allowed_hosts(address[0]) | {h.lower() for h in allowed_hosts}
         prefix = f"edgeguide-http-{self.server_address[1]}-worker"
         self._workers = [threading.Thread(target=self._work, name=f"{prefix}-{i}", daemon=True) for i in range(workers)]
         for thread in self._workers:
