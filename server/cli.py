@@ -365,8 +365,11 @@ def cmd_register(args: argparse.Namespace, data_dir: Path) -> int:
         out.print_json(out.artifact_dict(record))
         return EXIT_OK
     m = record.metrics
+    hr10 = m.get("hr10")
+    tflite = m.get("tflite_bytes")
     print(f"registered {record.id}: {record.size} bytes packed, sha256 {record.sha256}"
-          f" (HR@10 {m.get('hr10', 'n/a')}, tflite {m.get('tflite_bytes', 'n/a')} B); "
+          f" (HR@10 {f'{hr10:.3f}' if isinstance(hr10, float) else 'n/a'}, tflite "
+          f"{out.human_bytes(tflite) if isinstance(tflite, int) else 'n/a'}); "
           f"deploy it with `edgeguide-server deploy {record.id} --device DEVICE`")
     return EXIT_OK
 

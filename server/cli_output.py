@@ -60,10 +60,14 @@ def local_time(ts: float | None) -> str:
 
 
 def human_bytes(value: float) -> str:
-    """1024000 -> '1000 KiB', 16777216 -> '16 MiB' (binary units, as the policy's limits are)."""
+    """1023960 -> '0.98 MiB', 16777216 -> '16 MiB', 181000 -> '177 KiB' (binary units, as the policy's limits).
+
+    A unit is used from 1000 of the one below, so no figure prints as '1e+03'.
+    """
     for unit, size in _BINARY_UNITS:
-        if abs(value) >= size:
-            return f"{value / size:.3g} {unit}"
+        if abs(value) >= size * 999.5 / 1024:  # what would print as 1000 of the unit below
+            scaled = value / size
+            return f"{scaled:.2f} {unit}" if abs(scaled) < 10 and scaled != int(scaled) else f"{scaled:.0f} {unit}"
     return f"{value:.0f} B"
 
 

@@ -58,8 +58,11 @@ class BuiltArtifacts:
 
 def build_artifacts(out_dir: Path, *, model_id: str = DEMO_MODEL, full: bool = False, max_customers: int | None = None,
                     train_overrides: dict[str, Any] | None = None, progress: bool = True,
-                    console: Console | None = None) -> BuiltArtifacts:
-    """Train the quick (or full) preset and export a float32 and an int8 artifact under `out_dir`."""
+                    console: Console | None = None, show_paths: bool = True) -> BuiltArtifacts:
+    """Train the quick (or full) preset and export a float32 and an int8 artifact under `out_dir`.
+
+    `show_paths=False` when `out_dir` is deleted afterwards: never print a path that will not exist.
+    """
     console = console or Console(quiet=True)
     import compression  # noqa: F401 - sets TF_USE_LEGACY_KERAS before TensorFlow loads
     from compression.data import load_dataset
@@ -88,7 +91,7 @@ def build_artifacts(out_dir: Path, *, model_id: str = DEMO_MODEL, full: bool = F
             techniques = [] if name == "float32" else ["ptq-int8"]
             dirs[name] = export_artifact(model, dataset, out_dir / name, model_id=model_id, quantization=quantization,
                                          training=config.to_dict(), techniques=techniques, check_compat=False)
-        console.print(f"exported {name} artifact to {dirs[name]}")
+        console.print(f"exported {name} artifact" + (f" to {dirs[name]}" if show_paths else ""))
     return BuiltArtifacts(dirs["float32"], dirs["int8"], data, training)
 
 
@@ -189,7 +192,8 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> int:
     try:
         console.rule("[bold]EdgeGuide demo: train -> compress -> deploy -> measure on device -> gate -> serve")
         built = build_artifacts(workdir / "artifacts", full=options.full, max_customers=options.max_customers,
-                                train_overrides=options.train_overrides, progress=True, console=console)
+                                train_overrides=options.train_overrides, progress=True, console=console,
+                                show_paths=tmp is None or options.keep)
         from protocol.artifact import read_metrics
 
         float_m, int8_m = read_metrics(built.float_dir), read_metrics(built.int8_dir)

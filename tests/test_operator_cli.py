@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ import pytest
 from test_agent_support import new_keypair
 
 from protocol import signing
+from server.cli_output import check_line
 from server.local_agent import LocalAgent
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,6 +46,16 @@ class Cli:
 
     def text(self, *args: str, code: int | None = 0) -> subprocess.CompletedProcess:
         return self("--data-dir", str(self.data_dir), *args, code=code)
+
+
+def test_gate_checks_print_in_human_units() -> None:
+    assert check_line({"outcome": "pass", "name": "model_bytes", "figure": 1023960.0, "op": "<=",
+                       "limit": 16777216.0, "unit": "B"}).endswith("model_bytes: 0.98 MiB <= 16 MiB")
+    energy = check_line({"outcome": "unavailable-skipped", "name": "energy_mj_per_inference", "figure": None,
+                         "op": "<=", "limit": 50.0, "unit": "mJ", "note": "no power source detected"})
+    assert energy.endswith("energy_mj_per_inference: unavailable (limit <= 50 mJ): no power source detected")
+    assert check_line({"outcome": "fail", "name": "p90_ms", "figure": 61.234, "op": "<=", "limit": 50.0,
+                       "unit": "ms"}).endswith("p90_ms: 61.23 ms <= 50 ms")
 
 
 def test_listings_versions_and_mistakes_without_a_broker(tmp_path: Path, tiny_artifact: Path) -> None:
@@ -157,7 +169,7 @@ def test_deploy_rollout_and_the_wrong_key_with_real_agents(tmp_path: Path, mosqu
 
         done = cli.text("deploy", "tiny@1", "--device", "op-good", "--wait", "--timeout", "120")
         assert "promoted" in done.stdout
-        assert "model_bytes: " in done.stdout and "KiB <= 16 MiB" in done.stdout  # human units
+        assert re.search(r"model_bytes: [0-9.]+ (KiB|MiB) <= 16 MiB", done.stdout)  # human units
         assert "None" not in done.stdout and "energy_mj_per_inference: unavailable (limit <= " in done.stdout
         report_dir = Path(done.stdout.split("report: ")[1].split()[0])
         assert (report_dir / "report.json").is_file()
