@@ -196,6 +196,14 @@ def test_deploy_rollout_and_the_wrong_key_with_real_agents(tmp_path: Path, mosqu
     assert "device 'op-good' is offline" in stuck.stderr
     dep_id = stuck.stdout.split()[1].rstrip(":")
     assert cli.json("cancel", dep_id)["status"] == "cancelled"
+    deadline = time.monotonic() + 15  # the running serve sends the signed cancel on its next tick
+    while cli.json("deployments", "show", dep_id)["reason"] != "cancelled by the operator":
+        assert time.monotonic() < deadline, cli.json("deployments", "show", dep_id)
+        time.sleep(0.3)
+    # With --broker, `cancel` tells the device itself.
+    queued = cli.json("deploy", "tiny", "--device", "op-good")["deployment_id"]
+    told = cli.json("cancel", queued, "--broker", mosquitto.url, "--topic-prefix", topic_prefix)
+    assert (told["status"], told["reason"]) == ("cancelled", "cancelled by the operator")
     assert cli.json("devices", "remove", "op-good") == {"removed": "op-good"}
     serve_log = serve.read_text()
     assert "INFO" in serve_log and "device op-good online" in serve_log and "-> promoted" in serve_log
