@@ -351,6 +351,8 @@ class Deployer:
                                 deployment_id=event.deployment_id, detail=detail or "")
         if event.type in DEVICE_ERRORS:
             self.registry.set_device_error(event.device_id, self.explain(f"{event.type}: {event.reason or ''}"))
+        elif event.type == "promoted":  # the device took a signed model: an old key or load error is history
+            self.registry.set_device_error(event.device_id, "")
         dep = self._active(event.deployment_id, event.device_id, f"event {event.type}")
         if dep is None:
             return

@@ -183,6 +183,12 @@ def test_deploy_rollout_and_the_wrong_key_with_real_agents(tmp_path: Path, mosqu
         wrong_row = next(d for d in devices if d["device_id"] == "op-wrong")
         assert wrong_row["status"] == "online" and "pinned server key" in wrong_row["last_error"]
         assert "pinned server key" in cli.text("devices").stdout
+        # The fix the message gives: restart the agent with this server's key; the error then clears.
+        wrong.stop()
+        with LocalAgent("op-wrong", mosquitto.url, tmp_path / "wrong", tmp_path / "key.pem",
+                        topic_prefix=topic_prefix):
+            cli.text("deploy", "tiny", "--device", "op-wrong", "--wait", "--timeout", "120")
+        assert next(d for d in cli.json("devices") if d["device_id"] == "op-wrong")["last_error"] is None
 
         # Rollout: the device already on the version is skipped, not a failure; JSON of the outcome.
         rollout = cli.json("rollout", "tiny@1", "--group", "canary=op-good", "--devices", "op-good", "--wait",
