@@ -1,9 +1,9 @@
 """`edgeguide-agent`: run the device agent, or check its configuration.
 
-Exit codes (also in `--help`): 0 clean stop / valid config, 2 invalid configuration or HTTP port in
-use, 1 unexpected failure at start-up, 3 fatal error while running (e.g. the network machinery could
-not start a thread): the process exits so its supervisor (systemd Restart=on-failure, the Termux
-loop) starts a fresh one.
+Exit codes (also in `--help`): 0 clean stop / valid config, 2 invalid configuration, 1 failure at
+start-up (e.g. the HTTP port is in use: supervisors retry, the port may free up), 3 fatal error while
+running (e.g. the network machinery could not start a thread): the process exits so its supervisor
+(systemd Restart=on-failure, the Termux loop) starts a fresh one.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ FATAL_STOP_S = 20
 
 EXIT_CODES = """exit codes:
   0  clean stop (SIGTERM/Ctrl-C), or --check-config found the configuration valid
-  1  unexpected failure at start-up (the log says what)
-  2  invalid configuration, or the HTTP port is already in use
+  1  failure at start-up, e.g. the HTTP port is in use (one line on stderr; supervisors retry)
+  2  invalid configuration (supervisors do not retry: fix it first)
   3  fatal error while running: exits so its supervisor starts a fresh agent"""
 
 
@@ -174,7 +174,7 @@ def _run(config, args: argparse.Namespace) -> int:  # noqa: ANN001 - AgentConfig
             return 1
         print(f"error: {exc}: another process uses that port; pick another with --http-port PORT (0 = any free "
               "port, none = no HTTP server)", file=sys.stderr)
-        return 2
+        return 1  # not a configuration error: the port may free up, so a supervisor retries
     except Exception:
         _LOGGER.exception("agent_failed")
         agent.stop()
