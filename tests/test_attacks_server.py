@@ -151,17 +151,24 @@ def test_an_event_flood_is_rate_limited_bounded_in_size_and_pruned(tmp_path: Pat
         server.registry.close()
 
 
-def test_events_older_than_the_retention_are_deleted(tmp_path: Path) -> None:
-    registry = Registry(tmp_path / "data")
+@pytest.mark.parametrize("engine", ["sqlite", "postgres"])
+def test_retention_deletes_old_events_and_keeps_each_devices_newest(request: pytest.FixtureRequest, tmp_path: Path,
+                                                                   engine: str) -> None:
+    registry = Registry(tmp_path / "data") if engine == "sqlite" else request.getfixturevalue("pg_registry")
     try:
         registry.log_event("device:error", device_id="pi-old", detail="old")
         registry.db.execute("UPDATE events SET ts = ts - ?", (10 * 86400,))
-        registry.log_event("device:error", device_id="pi-old", detail="new")
-        deleted = registry.prune_events(max_per_device=100, max_age_s=86400)
-        assert deleted == 1
-        assert [e["detail"] for e in registry.events(device_id="pi-old")] == ["new"]
+        for i in range(5):
+            registry.log_event("device:error", device_id="pi-old", detail=f"new-{i}")
+            registry.log_event("device:error", device_id="pi-other", detail=f"other-{i}")
+        registry.log_event("registered", detail="server-side, no device")
+        assert registry.prune_events(max_per_device=3, max_age_s=86400) == 1 + 2 + 2
+        assert [e["detail"] for e in registry.events(device_id="pi-old")] == ["new-2", "new-3", "new-4"]
+        assert [e["detail"] for e in registry.events(device_id="pi-other")] == ["other-2", "other-3", "other-4"]
+        assert [e["detail"] for e in registry.events(kind_prefix="registered")] == ["server-side, no device"]
     finally:
-        registry.close()
+        if engine == "sqlite":
+            registry.close()
 
 
 # -- 4. every undecodable payload is "malformed", never a traceback ---------------------------------------
