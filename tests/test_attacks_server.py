@@ -202,6 +202,33 @@ def test_undecodable_payloads_are_malformed_not_tracebacks(tmp_path: Path, mosqu
         server.registry.close()
 
 
+def test_a_report_with_a_huge_integer_figure_is_malformed_not_a_gate_crash(
+        tmp_path: Path, mosquitto, topic_prefix: str, device: MqttLink, tiny_artifact: Path) -> None:
+    """4,000 digits pass Python's limit but not float(): the gate used to raise OverflowError."""
+    server = _server(tmp_path / "data", mosquitto, topic_prefix)
+    try:
+        artifact = server.registry.register(tiny_artifact)
+        state = DeviceState(device_id="pi-g", status="online", runtime={"name": "ai-edge-litert", "version": "2.3.0"})
+        device.publish(server.topics.up("pi-g", "state"), state.to_json()).wait_for_publish(5)
+        _until(lambda: server.registry.find_device("pi-g"), what="the device")
+        dep = server.deploy(artifact.model_id, "pi-g")
+        _until(lambda: server.registry.deployment(dep.deployment_id).status == "transferring", what="transferring")
+        body = Report(device_id="pi-g", deployment_id=dep.deployment_id, model_id=artifact.model_id,
+                      version=artifact.version, load_ok=True, latency_ms={"p90": 1.0}).to_dict()
+        payload = json.dumps(body).replace('"p90": 1.0', '"p90": ' + "9" * 4000).encode()
+        device.publish(server.topics.up("pi-g", "report"), payload).wait_for_publish(5)
+        _drain(server, device, topic_prefix)
+        kinds = [e["kind"] for e in server.registry.events(limit=1000)]
+        assert "handler_error" not in kinds, [e["detail"][:200] for e in server.registry.events(limit=1000)
+                                              if e["kind"] == "handler_error"]
+        assert "malformed" in kinds
+        after = server.registry.deployment(dep.deployment_id)
+        assert (after.status, after.report, after.verdict) == ("transferring", None, None), after
+    finally:
+        server.stop()
+        server.registry.close()
+
+
 # -- 2. no secret in what the server prints -----------------------------------------------------------
 def _serve(args: list[str], env: dict[str, str] | None = None, timeout: float = 60.0) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "server", *args], cwd=REPO, text=True,
