@@ -32,8 +32,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as a script from a checkout without `pip install -e .`
-    sys.path.insert(0, str(REPO))
+# Run as a script, sys.path[0] is bench/, whose compression.py would shadow the `compression` package
+# (also when PYTHONPATH names the checkout, which only comes after bench/): the checkout goes first.
+sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 

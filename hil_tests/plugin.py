@@ -32,6 +32,7 @@ from hil_tests.targets import RESTART_FIX, AgentSpec, DeviceTarget, LocalTarget,
 from protocol import names
 from protocol.errors import ProtocolError
 from protocol.mqtt import BrokerAddress
+from protocol.redact import redact_text
 from server.registry import DeploymentRecord
 
 _LOGGER = logging.getLogger(__name__)
@@ -82,12 +83,8 @@ class HilSettings:
 
 
 def _masked(url: str | None) -> str | None:
-    """`url` without the password of a mqtt://user:password@host URL."""
-    if not url or "@" not in url or "://" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    creds, host = rest.rsplit("@", 1)
-    return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
+    """`url` (or any argument holding one) without its password: the protocol's one redaction helper."""
+    return redact_text(url) if url else url
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

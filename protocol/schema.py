@@ -20,7 +20,7 @@ def decode_object(payload: bytes | str, what: str, max_bytes: int = DEFAULT_LIMI
         raise ProtocolError(f"{what}: {len(payload)} bytes exceeds the limit of {max_bytes}")
     try:
         text = payload if isinstance(payload, str) else bytes(payload).decode("utf-8")
-        obj = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+        obj = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float, parse_int=_int64)
     except ProtocolError as exc:
         raise ProtocolError(f"{what}: not valid JSON ({exc})") from exc
     except (ValueError, RecursionError, TypeError) as exc:
@@ -34,6 +34,19 @@ def decode_object(payload: bytes | str, what: str, max_bytes: int = DEFAULT_LIMI
 
 def _reject_constant(name: str) -> Any:
     raise ProtocolError(f"JSON constant {name} is not allowed")
+
+
+MAX_INT_DIGITS = 19  # every integer of the protocol fits in 64 bits
+
+
+def _int64(text: str) -> int:
+    """Integers beyond 64 bits are refused before conversion: 4,000 digits pass Python's own
+    limit, but not float() (OverflowError in the gate) nor any field of the protocol."""
+    digits = len(text) - text.startswith("-")
+    value = int(text) if digits <= MAX_INT_DIGITS else None
+    if value is None or not -(2**63) <= value < 2**63:
+        raise ProtocolError(f"integer of {digits} digits is outside the 64-bit range")
+    return value
 
 
 def _finite_float(text: str) -> float:

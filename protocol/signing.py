@@ -57,15 +57,30 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
 
 
 def ensure_keypair(private_path: Path, public_path: Path) -> Ed25519PrivateKey:
-    """Load the server key pair, creating it on first run."""
+    """Load the server key pair, creating it on first run.
+
+    Safe when several processes start on a fresh data dir at once (`serve` and a CLI command):
+    the private key appears complete or not at all (written aside, then hard-linked, which fails
+    if another process won), everyone loads the winner's key, and the public file is rewritten
+    whenever it does not match it. A check-then-create here once left a public key that did not
+    match the signing key, and every device refused the server.
+    """
     private_path, public_path = Path(private_path), Path(public_path)
-    if private_path.exists():
-        key = load_private_key(private_path)
-    else:
-        key = generate_private_key()
-        save_private_key(key, private_path)
-    if not public_path.exists():
-        save_public_key(key.public_key(), public_path)
+    if not private_path.exists():
+        tmp = private_path.with_name(f".{private_path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+        save_private_key(generate_private_key(), tmp)
+        try:
+            os.link(tmp, private_path)
+        except FileExistsError:
+            pass  # another process created it first: use theirs
+        finally:
+            tmp.unlink(missing_ok=True)
+    key = load_private_key(private_path)
+    pem = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if not public_path.exists() or public_path.read_bytes() != pem:
+        tmp = public_path.with_name(f".{public_path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+        tmp.write_bytes(pem)
+        os.replace(tmp, public_path)
     return key
 
 

@@ -29,8 +29,10 @@ DETAIL_MAX_CHARS = 1000
 class IngestLimits:
     """Per-device bounds on what the server accepts and keeps (docs/protocol.md, section 9)."""
 
-    burst: int = 120
-    per_second: float = 2.0
+    # A server-driven burst is legitimate: 64 manifests superseding each other make an agent answer
+    # with ~200 messages within seconds. The disk bound comes from retention (below), not the rate.
+    burst: int = 300
+    per_second: float = 10.0
     max_detail_chars: int = DETAIL_MAX_CHARS
     max_runtime_chars: int = 512
     max_events_per_device: int = 5000

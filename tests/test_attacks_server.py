@@ -151,17 +151,24 @@ def test_an_event_flood_is_rate_limited_bounded_in_size_and_pruned(tmp_path: Pat
         server.registry.close()
 
 
-def test_events_older_than_the_retention_are_deleted(tmp_path: Path) -> None:
-    registry = Registry(tmp_path / "data")
+@pytest.mark.parametrize("engine", ["sqlite", "postgres"])
+def test_retention_deletes_old_events_and_keeps_each_devices_newest(request: pytest.FixtureRequest, tmp_path: Path,
+                                                                   engine: str) -> None:
+    registry = Registry(tmp_path / "data") if engine == "sqlite" else request.getfixturevalue("pg_registry")
     try:
         registry.log_event("device:error", device_id="pi-old", detail="old")
         registry.db.execute("UPDATE events SET ts = ts - ?", (10 * 86400,))
-        registry.log_event("device:error", device_id="pi-old", detail="new")
-        deleted = registry.prune_events(max_per_device=100, max_age_s=86400)
-        assert deleted == 1
-        assert [e["detail"] for e in registry.events(device_id="pi-old")] == ["new"]
+        for i in range(5):
+            registry.log_event("device:error", device_id="pi-old", detail=f"new-{i}")
+            registry.log_event("device:error", device_id="pi-other", detail=f"other-{i}")
+        registry.log_event("registered", detail="server-side, no device")
+        assert registry.prune_events(max_per_device=3, max_age_s=86400) == 1 + 2 + 2
+        assert [e["detail"] for e in registry.events(device_id="pi-old")] == ["new-2", "new-3", "new-4"]
+        assert [e["detail"] for e in registry.events(device_id="pi-other")] == ["other-2", "other-3", "other-4"]
+        assert [e["detail"] for e in registry.events(kind_prefix="registered")] == ["server-side, no device"]
     finally:
-        registry.close()
+        if engine == "sqlite":
+            registry.close()
 
 
 # -- 4. every undecodable payload is "malformed", never a traceback ---------------------------------------
@@ -190,6 +197,33 @@ def test_undecodable_payloads_are_malformed_not_tracebacks(tmp_path: Path, mosqu
         assert server.malformed == len(UNDECODABLE)
         assert not [r for r in caplog.records if r.exc_info], [r.getMessage()[:200] for r in caplog.records
                                                                if r.exc_info]
+    finally:
+        server.stop()
+        server.registry.close()
+
+
+def test_a_report_with_a_huge_integer_figure_is_malformed_not_a_gate_crash(
+        tmp_path: Path, mosquitto, topic_prefix: str, device: MqttLink, tiny_artifact: Path) -> None:
+    """4,000 digits pass Python's limit but not float(): the gate used to raise OverflowError."""
+    server = _server(tmp_path / "data", mosquitto, topic_prefix)
+    try:
+        artifact = server.registry.register(tiny_artifact)
+        state = DeviceState(device_id="pi-g", status="online", runtime={"name": "ai-edge-litert", "version": "2.3.0"})
+        device.publish(server.topics.up("pi-g", "state"), state.to_json()).wait_for_publish(5)
+        _until(lambda: server.registry.find_device("pi-g"), what="the device")
+        dep = server.deploy(artifact.model_id, "pi-g")
+        _until(lambda: server.registry.deployment(dep.deployment_id).status == "transferring", what="transferring")
+        body = Report(device_id="pi-g", deployment_id=dep.deployment_id, model_id=artifact.model_id,
+                      version=artifact.version, load_ok=True, latency_ms={"p90": 1.0}).to_dict()
+        payload = json.dumps(body).replace('"p90": 1.0', '"p90": ' + "9" * 4000).encode()
+        device.publish(server.topics.up("pi-g", "report"), payload).wait_for_publish(5)
+        _drain(server, device, topic_prefix)
+        kinds = [e["kind"] for e in server.registry.events(limit=1000)]
+        assert "handler_error" not in kinds, [e["detail"][:200] for e in server.registry.events(limit=1000)
+                                              if e["kind"] == "handler_error"]
+        assert "malformed" in kinds
+        after = server.registry.deployment(dep.deployment_id)
+        assert (after.status, after.report, after.verdict) == ("transferring", None, None), after
     finally:
         server.stop()
         server.registry.close()

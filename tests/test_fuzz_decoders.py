@@ -195,3 +195,30 @@ def test_server_ingestion_never_raises(offline_server: EdgeGuideServer, payload:
     assert offline_server.malformed in (before, before + 1)
     rows = offline_server.registry.events(limit=5, kind_prefix="handler_error")
     assert not rows, rows
+
+
+_FIGURES = st.dictionaries(st.sampled_from(["p50", "p90", "p99", "peak_rss_mib", "agreement_at_k",
+                                            "net_mj_per_inference", "median_ratio_p50", "x"]),
+                           _JSON | st.integers(-2**63, 2**63 - 1) | st.floats(-1e308, 1e308), max_size=6)
+
+
+@FUZZ
+@given(figures=st.fixed_dictionaries({}, optional={k: _FIGURES for k in ("latency_ms", "memory", "energy",
+                                                                         "quality", "paired", "context")}),
+       model_bytes=st.none() | st.integers(0, 2**53), load_ok=st.booleans(), raw=st.sampled_from(RAW + ["1"]))
+def test_the_gate_judges_every_decodable_report(figures: dict, model_bytes: int | None, load_ok: bool,
+                                                raw: str) -> None:
+    """Whatever figures a device reports, the gate answers PASS or FAIL with JSON-able checks."""
+    from server import gate
+    from server.policy import load_policy
+
+    body = {"device_id": "dev-1", "deployment_id": "d-0123456789ab", "model_id": "m", "version": 1,
+            "load_ok": load_ok, "model_bytes": model_bytes, **figures, "memory": {"peak_rss_mib": "RAW"}}
+    payload = json.dumps(body).replace('"RAW"', raw).encode()
+    try:
+        report = Report.from_json(payload)
+    except ProtocolError:
+        return
+    result = gate.evaluate(report, load_policy(None))
+    assert result.verdict in {"PASS", "FAIL"}
+    json.dumps(result.checks, allow_nan=False)

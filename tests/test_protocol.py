@@ -5,6 +5,8 @@ from __future__ import annotations
 import gzip
 import io
 import socket
+import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -269,3 +271,27 @@ def _tar_gz_pairs(members: list[tuple[str, bytes]]) -> bytes:
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     return gzip.compress(raw.getvalue())
+
+
+def test_key_pair_created_by_racing_processes_matches(tmp_path: Path) -> None:
+    """`serve` and a CLI command starting at once on a fresh data dir end with ONE key pair whose
+    public file matches the signing key (the agents pin the public file)."""
+    script = ("import sys, time, hashlib; from pathlib import Path; from protocol import signing\n"
+              "d = Path(sys.argv[1])\n"
+              "while not (d / 'go').exists(): time.sleep(0.001)\n"
+              "key = signing.ensure_keypair(d / 'keys' / 'priv.pem', d / 'keys' / 'pub.pem')\n"
+              "print(key.public_key().public_bytes_raw().hex())\n")
+    for round_no in range(3):
+        d = tmp_path / f"round-{round_no}"
+        d.mkdir()
+        procs = [subprocess.Popen([sys.executable, "-c", script, str(d)], stdout=subprocess.PIPE, text=True,
+                                  cwd=str(Path(__file__).resolve().parents[1]))
+                 for _ in range(8)]
+        time.sleep(0.5)  # every process imported and waiting
+        (d / "go").touch()
+        seen = {p.communicate(timeout=30)[0].strip() for p in procs}
+        assert all(p.returncode == 0 for p in procs)
+        pinned = signing.load_public_key(d / "keys" / "pub.pem").public_bytes_raw().hex()
+        signer = signing.load_private_key(d / "keys" / "priv.pem").public_key().public_bytes_raw().hex()
+        assert seen == {signer} and pinned == signer, (round_no, seen, pinned, signer)
+        assert not [p.name for p in (d / "keys").iterdir() if p.name.endswith(".tmp")]

@@ -104,6 +104,10 @@ def run(args: argparse.Namespace) -> int:
     land = build(profiles)
     build_s = time.monotonic() - started
     run_dir: Path = args.run_dir
+    for stale in sorted(run_dir.glob("*.json")):  # agents a killed earlier run left behind
+        pid = device.stop(run_dir, stale.stem)
+        if pid:
+            say(f"stopped {stale.stem} (pid {pid}) left running by an earlier run")
     shutil.rmtree(run_dir, ignore_errors=True)
     shutil.rmtree(land.host_path(device.GUEST_STATE), ignore_errors=True)  # fresh devices for a fresh registry
     run_dir.mkdir(parents=True)
