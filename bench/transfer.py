@@ -251,7 +251,8 @@ def deploy_fleet(bench: Bench, artifact_dir: Path, n: int) -> dict[str, Any]:
     for i in range(n):
         config = AgentConfig(device_id=f"fleet-{i:03d}", broker_url=bench.broker.url,
                              state_dir=bench.root / "fleet" / f"{i:03d}", server_key=bench.pub_key,
-                             topic_prefix=PREFIX, http_port=None, heartbeat_s=60.0, chunk_stall_s=10.0).validate()
+                             topic_prefix=PREFIX, http_port=None, heartbeat_s=60.0, chunk_stall_s=10.0,
+                             measure_mode="quick").validate()  # matches FLEET_MEASURE's mode
         agents.append(Agent(config, measure_config=MeasureConfig(**FLEET_MEASURE), power_source=None))
     try:
         for agent in agents:
