@@ -122,6 +122,17 @@ def test_listings_versions_and_mistakes_without_a_broker(tmp_path: Path, tiny_ar
     assert cli.json("devices") == []
     events = [json.loads(line) for line in cli("logs", "--json", "--data-dir", str(cli.data_dir)).stdout.splitlines()]
     assert {"registered", "unregistered", "status:cancelled"} <= {e["kind"] for e in events}
+    # -f keeps printing what is logged after it started.
+    follow = subprocess.Popen([sys.executable, "-m", "server", "logs", "-f", "--json", "--limit", "1", "--data-dir",
+                               str(cli.data_dir)], cwd=REPO, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert json.loads(follow.stdout.readline())["kind"] == events[-1]["kind"]
+        cli.json("register", str(tiny_artifact), "--model-id", "later")
+        assert json.loads(follow.stdout.readline())["kind"] == "registered"
+    finally:
+        follow.terminate()
+        follow.wait(10)
 
 
 @pytest.fixture
