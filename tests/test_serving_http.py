@@ -178,12 +178,12 @@ def test_huge_body_is_refused_with_413_and_the_server_keeps_serving(server: Serv
     (POST_HEAD + b"Content-Length: -5\r\n\r\n", 400),
     (POST_HEAD + b"Content-Length: lots\r\n\r\n", 400),
     (b"GET /a b HTTP/1.1\r\n\r\n", 400),
-    (b"GET /healthz HTTP/x.y\r\n\r\n", None),  # unparsable version: answered HTTP/0.9 style
-    (b"GARBAGE\r\n\r\n", None),
+    (b"GET /healthz HTTP/x.y\r\n\r\n", 400),  # unparsable version: still a status line, never HTTP/0.9
+    (b"GARBAGE\r\n\r\n", 400),
     (b"BREW /coffee HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 501),
     (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", 414),
 ])
-def test_protocol_errors_are_json_and_harmless(server: ServerHandle, raw: bytes, status: int | None) -> None:
+def test_protocol_errors_are_json_and_harmless(server: ServerHandle, raw: bytes, status: int) -> None:
     got_status, body = _json_of(_raw(server, raw))
     assert got_status == status and body["error"]
     assert _request(server, "GET", "/healthz")[0] == 200
@@ -422,3 +422,22 @@ def test_stop_does_not_wait_for_idle_keep_alive_clients(model: LoadedModel) -> N
     finally:
         conn.close()
         service.close()
+
+
+@pytest.mark.parametrize("raw", [b"POST /recommend HTTP/1.1\r\n\n\x00\r\n\r\n", b"\x00\r\n\r\n",
+                                 b"GET /model HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n\x00\r\n\r\n"])
+def test_every_answer_has_a_status_line_even_after_a_garbage_line(server: ServerHandle, raw: bytes) -> None:
+    """Found by fuzzing: a 400 kept the connection open, and the garbage line after it was
+    answered HTTP/0.9-style, a bare body with no status line."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(raw)
+        sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 ")
+    # each answer is a status line, headers and a JSON object: nothing in between
+    for part in answer.split(b"HTTP/1.1 ")[1:]:
+        head, _, body = part.partition(b"\r\n\r\n")
+        assert int(head[:3]) in (200, 400), head
+        assert isinstance(json.loads(body), dict)

@@ -177,6 +177,9 @@ def host_problem(header: str | None, allowed: frozenset[str], port: int, wildcar
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"
+    # HTTP/0.9 answers carry no status line: a garbage request line (also one following a request
+    # on a keep-alive connection) must still get a parsable 400.
+    default_request_version = "HTTP/1.0"
     server_version = "edgeguide-agent"
     error_content_type = "application/json"
     # Headers and body go out in two writes; with Nagle on, the body waits for the client's
@@ -215,7 +218,7 @@ class _Handler(BaseHTTPRequestHandler):
         path = urlsplit(self.path).path
         problem = self._host_problem()
         if problem is not None:
-            self._discard_body()
+            self.close_connection = True  # a request for another host: nothing more on this connection
             self._send(HTTPStatus.BAD_REQUEST if "required" in problem else HTTPStatus.MISDIRECTED_REQUEST,
                        {"error": problem})
             return
