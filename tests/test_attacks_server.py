@@ -43,9 +43,23 @@ def _until(condition: Callable[[], object], timeout: float = 15.0, what: str = "
 
 def _server(data: Path, mosquitto, prefix: str, limits: object = None) -> EdgeGuideServer:
     extra = {"ingest_limits": limits} if limits is not None else {}
-    return EdgeGuideServer(Registry(data), ServerConfig(broker_url=mosquitto.url, topic_prefix=prefix,
-                                                        client_id=f"srv-{prefix}", tick_s=0.1),
-                           deployer_config=DeployerConfig(deadline_s=120), **extra).start()
+    server = EdgeGuideServer(Registry(data), ServerConfig(broker_url=mosquitto.url, topic_prefix=prefix,
+                                                          client_id=f"srv-{prefix}", tick_s=0.1),
+                             deployer_config=DeployerConfig(deadline_s=120), **extra).start()
+    # start() returns once SUBSCRIBE is sent, not acknowledged: a device message published right
+    # away can reach the broker first and be lost (seen under load). One round trip proves it.
+    probe = MqttLink(mosquitto.url, f"probe-{prefix}", clean_start=True)
+    probe.start()
+    try:
+        deadline = time.monotonic() + 60
+        while server.registry.find_device(f"probe-{prefix}") is None:
+            assert time.monotonic() < deadline, "the server never received a message after start()"
+            probe.publish(server.topics.up(f"probe-{prefix}", "heartbeat"),
+                          Heartbeat(device_id=f"probe-{prefix}", uptime_s=1.0).to_json()).wait_for_publish(5)
+            time.sleep(0.2)
+    finally:
+        probe.stop()
+    return server
 
 
 @pytest.fixture
