@@ -77,7 +77,7 @@ def test_search_writes_reports_picks_best_and_resumes(tiny, tmp_path):
     row = result["variants"][0]
     assert row["tflite_bytes"] < ref["tflite_bytes"] / 2
     assert row["host_p50_ms"] > 0 and row["latency"]["n"] >= 20
-    assert set(result["baselines"]) == {"popularity", "itemknn"}
+    assert set(result["baselines"]) == {"popularity", "itemknn", "itemknn_tuned", "sknn"}
 
     # Resume: the finished variant is not run again, the new one is.
     more = first + [Variant("prune-oneshot", (MagnitudePruning(target=0.5, method="oneshot"),)),

@@ -1,7 +1,8 @@
 """Shared machinery of the two distillation techniques: the student and its training loop.
 
-The student is the reference architecture with smaller sizes (``build_reference``), so every
-later technique finds the same layer names. The loop computes the teacher's logits (and,
+The student is the teacher's architecture with smaller sizes (the MLP via ``build_reference``,
+the sequential family via ``compression.seqmodel.build_model``), so every later technique
+finds the same layer names. The loop computes the teacher's logits (and,
 for feature distillation, its hidden representation) on the fly for each batch.
 """
 
@@ -18,6 +19,7 @@ from tqdm.auto import tqdm
 
 from compression.data import Dataset
 from compression.model import build_reference
+from compression.seqmodel import architecture_of, build_model
 from compression.techniques.base import TechniqueError
 from compression.techniques.common import model_window, training_arrays
 
@@ -40,10 +42,17 @@ def kd_loss(labels: tf.Tensor, student_logits: tf.Tensor, teacher_logits: tf.Ten
 
 @dataclass(frozen=True)
 class StudentShape:
-    """Sizes of the student recommender (the reference is dim 64, hidden 256)."""
+    """Sizes of the student recommender (the MLP reference is dim 64, hidden 256).
+
+    ``fpmc_dim``/``blocks``/``heads`` shrink a sequential teacher's FPMC term and attention
+    (None keeps the teacher's); the MLP ignores them.
+    """
 
     dim: int = 32
     hidden: int = 128
+    fpmc_dim: int | None = None
+    blocks: int | None = None
+    heads: int | None = None
 
 
 def build_student(teacher: keras.Model, num_items: int, shape: StudentShape, seed: int = 0) -> keras.Model:
@@ -53,7 +62,14 @@ def build_student(teacher: keras.Model, num_items: int, shape: StudentShape, see
         raise TechniqueError(f"teacher outputs {n_out} logits but the dataset has {num_items} items "
                              "(+1 for padding)")
     keras.utils.set_random_seed(seed)
-    return build_reference(num_items, window=model_window(teacher), dim=shape.dim, hidden=shape.hidden)
+    arch = architecture_of(teacher)
+    if arch.kind == "mlp":
+        return build_reference(num_items, window=model_window(teacher), dim=shape.dim, hidden=shape.hidden)
+    changes = {"dim": shape.dim} | {key: getattr(shape, key) for key in ("fpmc_dim", "blocks", "heads")
+                                    if getattr(shape, key) is not None}
+    if arch.kind == "fpmc":
+        changes = {"fpmc_dim": shape.fpmc_dim or shape.dim}
+    return build_model(num_items, arch.replace(**changes), window=model_window(teacher))
 
 
 def check_alpha_temperature(alpha: float, temperature: float) -> None:
