@@ -12,6 +12,7 @@ import logging
 import weakref
 
 import numpy as np
+from scipy import sparse
 
 from compression.data import DEFAULT_WINDOW, Dataset
 from compression.metrics import DEFAULT_CHUNK, RankingAccumulator
@@ -90,9 +91,21 @@ def evaluate_transitions(dataset: Dataset, transitions: np.ndarray, split: str =
     prior = popularity_prior(dataset)
     acc = RankingAccumulator(num_items=dataset.num_items)
     for start in range(0, len(targets), DEFAULT_CHUNK):
-        weights = history_weights(histories[start:start + DEFAULT_CHUNK], transitions.shape[0], decay)
-        acc.add(weights @ transitions + prior, targets[start:start + DEFAULT_CHUNK])
+        weights = sparse_history_weights(histories[start:start + DEFAULT_CHUNK], transitions.shape[0], decay)
+        acc.add(np.asarray(weights @ transitions) + prior, targets[start:start + DEFAULT_CHUNK])
     return acc.result()
+
+
+def sparse_history_weights(histories: np.ndarray, size: int, decay: float) -> sparse.csr_matrix:
+    """``history_weights`` as a sparse matrix: at most L non-zeros per row makes W @ T cheap."""
+    histories = np.asarray(histories)
+    window = histories.shape[1]
+    ages = (decay ** np.arange(window - 1, -1, -1, dtype=np.float64)).astype(np.float32)
+    rows = np.repeat(np.arange(len(histories)), window)
+    cols = histories.reshape(-1)
+    keep = cols > 0  # padding carries no evidence
+    vals = np.tile(ages, len(histories))[keep]
+    return sparse.csr_matrix((vals, (rows[keep], cols[keep])), shape=(len(histories), size))
 
 
 def evaluate_itemknn(dataset: Dataset, split: str = "test", window: int = DEFAULT_WINDOW,

@@ -13,7 +13,7 @@ import logging
 import numpy as np
 from scipy import sparse
 
-from compression.baselines import history_weights, popularity_prior
+from compression.baselines import popularity_prior, sparse_history_weights
 from compression.data import DEFAULT_WINDOW, Dataset
 from compression.metrics import DEFAULT_CHUNK, RankingAccumulator
 
@@ -53,14 +53,15 @@ def evaluate_sknn(dataset: Dataset, split: str = "test", k: int = 100, decay: fl
     acc = RankingAccumulator(num_items=dataset.num_items)
     for start in range(0, len(targets), DEFAULT_CHUNK):
         block = histories[start:start + DEFAULT_CHUNK]
-        query = history_weights(block, dataset.num_items + 1, decay)
-        sims = np.asarray((sessions @ query.T).T)  # [n, customers]
+        query = sparse_history_weights(block, dataset.num_items + 1, decay)
+        sims = (query @ sessions.T).toarray()  # [n, customers]
         own = np.arange(start, start + len(block))
         sims[np.arange(len(block)), own] = 0.0
         kk = min(k, sims.shape[1])
         keep = np.argpartition(-sims, kk - 1, axis=1)[:, :kk]
-        top = np.zeros_like(sims)
-        np.put_along_axis(top, keep, np.take_along_axis(sims, keep, axis=1), axis=1)
-        scores = np.asarray((binary.T @ top.T).T) + prior
+        rows = np.repeat(np.arange(len(block)), kk)
+        top = sparse.csr_matrix((np.take_along_axis(sims, keep, axis=1).ravel(), (rows, keep.ravel())),
+                                shape=sims.shape)
+        scores = (top @ binary).toarray() + prior
         acc.add(scores, targets[start:start + DEFAULT_CHUNK])
     return acc.result()
