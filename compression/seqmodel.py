@@ -30,6 +30,7 @@ from compression.model import INPUT_NAME, build_reference
 _LOGGER = logging.getLogger(__name__)
 
 ARCHITECTURES = ("mlp", "sasrec", "gru", "fpmc")
+MASK_PENALTY = 30.0
 _PACKAGE = "edgeguide"
 
 
@@ -129,8 +130,10 @@ class PositionEncoding(keras.layers.Layer):
 class AttentionBlock(keras.layers.Layer):
     """Pre-norm self-attention + feed-forward block over the window (SASRec, Kang & McAuley 2018).
 
-    Padded keys are masked by renormalising the softmax, not by a -inf/-1e9 constant, which
-    would wreck int8 calibration ranges; an all-padding history attends to nothing (zeros).
+    Padded keys get ``MASK_PENALTY`` subtracted from their scores: e^-30 is nil next to any
+    real key, yet the constant stays small enough for int8 calibration ranges (-inf/-1e9 would
+    wreck them). No division: an int8 DIV by a zero sum (all-padding history) aborts the
+    interpreter. Padded query rows are zeroed, so an empty history yields zeros.
     """
 
     def __init__(self, dim: int, heads: int, dropout: float = 0.0, **kwargs) -> None:
@@ -157,8 +160,7 @@ class AttentionBlock(keras.layers.Layer):
         y = self.norm1(x)
         q, k, v = (self._split(layer(y), window) for layer in (self.query, self.key, self.value))
         scores = tf.matmul(q, k, transpose_b=True) * ((self.dim // self.heads) ** -0.5)
-        weights = tf.nn.softmax(scores, axis=-1) * valid[:, None, None, :]
-        weights = weights / (tf.reduce_sum(weights, axis=-1, keepdims=True) + 1e-9)
+        weights = tf.nn.softmax(scores - MASK_PENALTY * (1.0 - valid[:, None, None, :]), axis=-1)
         attended = tf.reshape(tf.transpose(tf.matmul(weights, v), (0, 2, 1, 3)), (-1, window, self.dim))
         x = x + self._drop(self.out(attended), training=training)
         y = self.ffn_out(self.ffn_in(self.norm2(x)))

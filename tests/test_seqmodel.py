@@ -119,3 +119,17 @@ def test_sequential_export_follows_the_contract_and_the_agent_serves_it(slice_da
         assert got.tolist() == ids and 0 not in got.tolist()
     got, _ = recommender.recommend(np.zeros(8, dtype=np.int32))  # empty history: valid ids, no padding
     assert got.min() >= 1 and got.max() <= slice_data.num_items
+
+
+def test_int8_sequential_export_serves_an_empty_history(slice_data, tmp_path) -> None:
+    """Full-integer attention must not divide by a zero sum when every key is padding."""
+    from agent.runtime import load_recommender
+    from compression.export import export_artifact
+    from compression.runtimes import check_litert
+
+    model = build_model(slice_data.num_items, Architecture(dim=8, fpmc_dim=4, blocks=1, heads=1), window=8)
+    out = export_artifact(model, slice_data, tmp_path / "int8", model_id="seq-int8", quantization="int8",
+                          representative_n=32, check_compat=False)
+    assert check_litert(out / "model.tflite")["loads"] is True
+    ids, _ = load_recommender(out / "model.tflite").recommend(np.zeros(8, dtype=np.int32))
+    assert ids.min() >= 1 and ids.max() <= slice_data.num_items
