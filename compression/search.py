@@ -143,14 +143,14 @@ def default_variants(profile: str = "full", *, mlp_base: bool = True) -> list[Va
         raise SearchError(f"profile must be one of {PROFILES}, got {profile!r}")
     quick = profile == "quick"
     tune = 0.5                              # fine-tuning epochs after a structural edit
-    student_epochs = 1.0 if quick else 2.0
+    student_epochs = 0.5 if quick else 1.0
     int8, fp16 = PostTrainingQuantization("int8"), PostTrainingQuantization("float16")
     # students start from the teacher (warm_start): from a random init, 1-2 epochs of distillation
     # left 1000-customer students at 0.52-0.58 x the reference's NDCG@10 (bench --quick, 2026-12-01)
     student = SoftDistillation(student=StudentShape(16, 128, fpmc_dim=8, blocks=1, heads=1, warm_start=True),
                                epochs=student_epochs)
-    tiny = SoftDistillation(student=StudentShape(8, 128, fpmc_dim=8, blocks=1, heads=1, warm_start=True),
-                            epochs=student_epochs)
+    markov = SoftDistillation(student=StudentShape(8, 128, fpmc_dim=8, warm_start=True, kind="fpmc"),
+                              epochs=student_epochs)
     mlp_student = StudentShape(24, 128)
     chain = {
         "prune-magnitude": MagnitudePruning(target=0.8, method="tfmot", epochs=tune),
@@ -173,8 +173,8 @@ def default_variants(profile: str = "full", *, mlp_base: bool = True) -> list[Va
         *(Variant(name, (technique,)) for name, technique in chain.items()),
         Variant("distill-soft+int8", (student, int8)),
         Variant("distill-soft+float16", (student, fp16)),
-        Variant("distill-soft8+int8", (tiny, int8)),
-        Variant("distill-soft8+float16", (tiny, fp16)),
+        Variant("distill-soft-fpmc8+int8", (markov, int8)),
+        Variant("distill-soft-fpmc8+float16", (markov, fp16)),
     ]
     if not mlp_base:
         return on_reference

@@ -103,3 +103,14 @@ def test_warm_started_sequential_student_inherits_the_teachers_transition_terms(
     assert np.allclose(a @ b.T, (u[:, :2] * s[:2]) @ vt[:2], atol=1e-4)
     small = build_student(teacher, 40, StudentShape(dim=4, fpmc_dim=2, warm_start=True))
     assert small.get_layer("item_embedding").embeddings.shape == (41, 4)
+
+
+def test_markov_student_of_a_sequential_teacher_keeps_only_the_transition_terms() -> None:
+    from compression.seqmodel import Architecture, architecture_of, build_model
+
+    teacher = build_model(40, Architecture(dim=8, fpmc_dim=4, blocks=1, heads=1), window=6)
+    student = build_student(teacher, 40, StudentShape(dim=8, fpmc_dim=2, kind="fpmc", warm_start=True))
+    assert architecture_of(student).kind == "fpmc" and architecture_of(student).fpmc_dim == 2
+    assert "item_embedding" not in {layer.name for layer in student.layers}
+    with pytest.raises(TechniqueError, match="MLP"):
+        build_student(teacher, 40, StudentShape(kind="mlp"))

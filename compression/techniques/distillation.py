@@ -45,7 +45,8 @@ class StudentShape:
     """Sizes of the student recommender (the MLP reference is dim 64, hidden 256).
 
     ``fpmc_dim``/``blocks``/``heads`` shrink a sequential teacher's FPMC term and attention
-    (None keeps the teacher's); the MLP ignores them. ``warm_start`` starts a sequential
+    (None keeps the teacher's); the MLP ignores them. ``kind`` switches a sequential teacher's
+    student to another sequential kind (e.g. "fpmc": transition terms only). ``warm_start`` starts a sequential
     student from the teacher (``warm_start_student``) instead of a random init.
     """
 
@@ -55,6 +56,7 @@ class StudentShape:
     blocks: int | None = None
     heads: int | None = None
     warm_start: bool = False
+    kind: str | None = None
 
 
 def build_student(teacher: keras.Model, num_items: int, shape: StudentShape, seed: int = 0) -> keras.Model:
@@ -69,8 +71,12 @@ def build_student(teacher: keras.Model, num_items: int, shape: StudentShape, see
         return build_reference(num_items, window=model_window(teacher), dim=shape.dim, hidden=shape.hidden)
     changes = {"dim": shape.dim} | {key: getattr(shape, key) for key in ("fpmc_dim", "blocks", "heads")
                                     if getattr(shape, key) is not None}
-    if arch.kind == "fpmc":
-        changes = {"fpmc_dim": shape.fpmc_dim or shape.dim}
+    if shape.kind is not None:
+        if shape.kind == "mlp":
+            raise TechniqueError("a sequential teacher's student cannot be an MLP; use the MLP base")
+        changes["kind"] = shape.kind
+    if changes.get("kind", arch.kind) == "fpmc":
+        changes = {"kind": "fpmc", "fpmc_dim": shape.fpmc_dim or shape.dim}
     student = build_model(num_items, arch.replace(**changes), window=model_window(teacher))
     if shape.warm_start:
         warm_start_student(student, teacher)
