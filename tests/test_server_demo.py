@@ -31,7 +31,7 @@ def test_demo_runs_the_whole_loop_and_stops_what_it_started(tmp_path: Path) -> N
                                 train_overrides={"epochs": 1, "dim": 16, "hidden": 32}), console=console)
     text = console.export_text()
     assert code == 0, text[-3000:]
-    for expected in ("data: 200 customers", "popularity baseline", "item-to-item baseline", "int8 (deployed)",
+    for expected in ("data: 200 customers", "popularity baseline", "item-to-item (tuned on val)", "int8 (deployed)",
                      "smaller on disk", "promoted", "latency p50 / p90 / p99", "peak RSS", "energy source",
                      "top-K agreement", "Gate verdict: PASS", "POST /recommend"):
         assert expected in text, f"{expected!r} missing from the demo output"
