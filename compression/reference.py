@@ -74,7 +74,12 @@ def train_candidate(candidate: Candidate, dataset: Dataset, cache_dir: Path) -> 
         record = json.loads(record_path.read_text(encoding="utf-8"))
         if record.get("key") == candidate.key():
             model.load_weights(str(weights))
-            _LOGGER.info("candidate %s: cached weights reused (key %s)", candidate.name, candidate.key())
+            # figures are re-measured with the current code, never copied from an older run
+            record["val"] = evaluate_keras(model, dataset, "val")
+            record["test"] = evaluate_keras(model, dataset, "test")
+            record["resumed"] = True
+            _LOGGER.info("candidate %s: cached weights reused (key %s), val NDCG@10 %.4f",
+                         candidate.name, candidate.key(), record["val"]["ndcg10"])
             return model, record
         _LOGGER.warning("candidate %s: cached under key %s, configuration now %s; retraining",
                         candidate.name, record.get("key"), candidate.key())
