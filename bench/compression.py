@@ -28,7 +28,8 @@ from compression.search import (  # noqa: E402
     LatencyConfig,
     SearchRun,
     default_variants,
-    obtain_reference,
+    load_reference_model,
+    obtain_references,
     run_search,
     select_variants,
 )
@@ -38,17 +39,25 @@ _LOGGER = logging.getLogger("bench.compression")
 QUICK_CUSTOMERS = 1000
 QUICK_EPOCHS = 4  # the quick preset's 2 epochs are too few passes over a slice of customers
 SIZE_TARGET = 16.0
+TUNED_TARGET = 1.05  # reference NDCG@10 vs the tuned item-to-item table of the same run
 
 
 def _targets(result: dict, floor: float) -> dict:
     ref, best = result["reference"], result["best"]
     itemknn = result["baselines"]["itemknn"]
+    tuned = result["baselines"]["itemknn_tuned"]
+    table20 = tuned["tables"]["top20"]
     return {
         "reference_beats_itemknn_ndcg10": ref["ndcg10"] > itemknn["ndcg10"],
+        "reference_vs_itemknn_tuned": ref["ndcg10"] / tuned["ndcg10"],
+        "reference_at_least_1_05x_tuned": ref["ndcg10"] >= TUNED_TARGET * tuned["ndcg10"],
         "best_x_smaller": best["x_smaller"],
         "best_at_least_16x_smaller": best["x_smaller"] >= SIZE_TARGET,
         "best_ndcg_ratio": best["ndcg_ratio"],
         "best_meets_floor": best["ndcg_ratio"] >= floor,
+        "best_vs_top20_table_bytes": best["tflite_bytes"] / table20["bytes"],
+        "best_no_larger_than_top20_table": best["tflite_bytes"] <= table20["bytes"],
+        "best_beats_top20_table_ndcg10": best["ndcg10"] > table20["ndcg10"],
         "techniques_alone": sorted({v["techniques"][0] for v in result["variants"]
                                     if len(v.get("recipe", [])) == 1}),
     }
@@ -81,12 +90,18 @@ def main(argv: list[str] | None = None) -> int:
         (out_dir / "state.json").unlink()
     started = time.perf_counter()
     dataset = load_dataset(max_customers=QUICK_CUSTOMERS if args.quick else None)
-    reference, training = obtain_reference(dataset, out_dir, reference_path=args.reference, preset=mode,
-                                           epochs=QUICK_EPOCHS if args.quick else None)
     variants = select_variants(default_variants(mode), args.variants)
+    if args.reference:
+        reference = load_reference_model(args.reference, dataset)
+        training, bases = {"source": str(args.reference)}, {}
+        variants = [v for v in variants if v.base == "reference"]
+    else:
+        reference, training, bases = obtain_references(dataset, out_dir, preset=mode,
+                                                       epochs=QUICK_EPOCHS if args.quick else None,
+                                                       check_compat=not args.no_compat)
     run = SearchRun(out_dir=out_dir, floor=args.floor, check_compat=not args.no_compat,
                     latency=LatencyConfig.for_profile(mode), run_name=f"bench-{mode}")
-    result = run_search(reference, dataset, variants, run, training=training)
+    result = run_search(reference, dataset, variants, run, training=training, bases=bases)
     result["mode"] = mode
     result["targets"] = _targets(result, args.floor)
     result["seconds"] = time.perf_counter() - started

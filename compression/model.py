@@ -1,8 +1,9 @@
-"""The float32 reference recommender every compressed model is judged against.
+"""The MLP recommender: one of the reference candidates (``compression.reference``).
 
 An MLP over the embeddings of the last ``window`` items: small enough to train in minutes on
-two cores, and made only of Embedding/Dense layers, which every TFLite runtime and every
-tfmot technique (pruning, clustering, QAT on the Dense layers) supports.
+two cores, and made only of Embedding/Dense layers in a single chain, which every TFLite
+runtime and every chain-rebuilding or tfmot technique (pruning, clustering, QAT, SVD, CP)
+supports; the search runs those techniques on it when the chosen reference is sequential.
 """
 
 from __future__ import annotations

@@ -77,8 +77,25 @@ def markdown_table(result: Mapping) -> str:
     lines.append(f"Reference: {ref_bytes / 1024:.1f} KiB, HR@10 {ref['hr10']:.4f}, NDCG@10 {ref_ndcg:.4f}, "
                  f"MRR {ref['mrr']:.4f}, host p50 {_fmt(ref.get('host_p50_ms'), '.3f')} ms. "
                  f"Data: {result.get('data', {})}.")
-    for name, figures in sorted(result.get("baselines", {}).items()):
-        lines.append(f"Baseline {name}: HR@10 {figures['hr10']:.4f}, NDCG@10 {figures['ndcg10']:.4f}.")
+    arch = ref.get("architecture")
+    if arch:
+        lines.append(f"Reference architecture: {arch}.")
+    lines += ["", *baseline_table(result.get("baselines", {}), ref), ""]
+    candidates = (ref.get("training") or {}).get("candidates") or {}
+    if candidates:
+        lines += ["Reference candidates (chosen by validation NDCG@10):", "",
+                  "| candidate | params | best epoch | val NDCG@10 | test HR@10 | test NDCG@10 | test MRR | "
+                  "float32 KiB | tflite-runtime 2.14 |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+        for name, cand in candidates.items():
+            export = cand.get("export") or {}
+            legacy = [info.get("loads") for key, info in (export.get("runtimes") or {}).items()
+                      if key.startswith("tflite-runtime")]
+            lines.append(f"| {name} | {cand.get('params')} | {cand.get('best_epoch')} | "
+                         f"{cand['val']['ndcg10']:.4f} | {cand['test']['hr10']:.4f} | {cand['test']['ndcg10']:.4f} | "
+                         f"{cand['test']['mrr']:.4f} | {_fmt(export.get('tflite_bytes', 0) / 1024 or None, '.1f')} | "
+                         f"{'-' if not legacy else ('yes' if legacy[0] else 'NO')} |")
+        lines.append("")
     if floor is not None:
         lines.append(f"Floor: NDCG@10 >= {floor} x reference = {floor * ref_ndcg:.4f}.")
     lines += ["", "| variant | techniques | export | tflite KiB | gzip KiB | x smaller | HR@10 | NDCG@10 | "
@@ -103,6 +120,37 @@ def markdown_table(result: Mapping) -> str:
     if notes:
         lines += ["", "Notes:"] + notes
     return "\n".join(lines) + "\n"
+
+
+def baseline_points(baselines: Mapping) -> list[tuple[str, int, float]]:
+    """(label, device bytes, test NDCG@10) of every baseline that has a device form."""
+    points = []
+    tuned = baselines.get("itemknn_tuned")
+    if tuned:
+        for key, table in sorted(tuned.get("tables", {}).items()):
+            points.append((f"item-to-item {key} table", table["bytes"], table["ndcg10"]))
+    sknn = baselines.get("sknn")
+    if sknn and sknn.get("device_bytes"):
+        points.append(("session-kNN store", sknn["device_bytes"], sknn["ndcg10"]))
+    return points
+
+
+def baseline_table(baselines: Mapping, ref: Mapping) -> list[str]:
+    """Markdown lines: every baseline with its tuned setting, test figures and device bytes."""
+    lines = ["| baseline | setting (tuned on validation) | HR@10 | NDCG@10 | MRR | NDCG / ref | device bytes |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for name, fig in sorted(baselines.items()):
+        setting = ", ".join(f"{k}={fig[k]}" for k in ("normalised", "decay", "k") if k in fig)
+        if name == "itemknn":
+            setting += " (untuned)"
+        size = fig.get("table_bytes") or fig.get("device_bytes")
+        lines.append(f"| {name} | {setting or '-'} | {fig['hr10']:.4f} | {fig['ndcg10']:.4f} | {fig['mrr']:.4f} | "
+                     f"{fig['ndcg10'] / ref['ndcg10']:.3f} | {_fmt(size, 'd')} |")
+        for key, table in sorted(fig.get("tables", {}).items()):
+            lines.append(f"| {name} {key} (int16 ids + float16 weights) | as above | {table['hr10']:.4f} | "
+                         f"{table['ndcg10']:.4f} | {table['mrr']:.4f} | {table['ndcg10'] / ref['ndcg10']:.3f} | "
+                         f"{table['bytes']} |")
+    return lines
 
 
 def pareto_plot(result: Mapping, path: Path) -> Path:
@@ -135,13 +183,17 @@ def pareto_plot(result: Mapping, path: Path) -> Path:
     colors = ("tab:olive", "tab:purple", "tab:brown")
     for (name, figures), color in zip(sorted(result.get("baselines", {}).items()), colors, strict=False):
         ax.axhline(figures["ndcg10"], color=color, ls="--", lw=1, label=f"baseline {name}")
+    for label, size, ndcg in baseline_points(result.get("baselines", {})):
+        ax.scatter([size / 1024], [ndcg], marker="s", s=60, c="tab:orange", edgecolors="black", zorder=4)
+        ax.annotate(label, (size / 1024, ndcg), fontsize=7, xytext=(4, -9), textcoords="offset points",
+                    color="tab:orange")
     best = result.get("best")
     if best:
         ax.scatter([best["tflite_bytes"] / 1024], [best["ndcg10"]], marker="o", s=160, facecolors="none",
                    edgecolors="tab:green", linewidths=2, zorder=5, label=f"best: {best['name']}")
     ax.axvline(ref["tflite_bytes"] / 1024 / 16, color="tab:green", ls="-.", lw=1, label="16x smaller")
     ax.set_xscale("log")
-    ax.set_xlabel(".tflite size (KiB, log scale)")
+    ax.set_xlabel(".tflite size / baseline device bytes (KiB, log scale); squares: baselines at device size")
     ax.set_ylabel("NDCG@10 (full ranking, test)")
     ax.set_title(f"Compression variants: size vs quality ({result.get('run', '')})")
     ax.grid(True, which="both", alpha=0.3)

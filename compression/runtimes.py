@@ -35,7 +35,8 @@ _BUILD_TIMEOUT_S = 900
 _CHECK_TIMEOUT_S = 120
 _THREAD_LOCK = threading.Lock()
 
-# Runs inside the legacy venv: load, allocate and invoke every signature once; print JSON.
+# Runs inside the legacy venv: load, allocate and invoke every signature on a full and an
+# empty history; print JSON.
 _CHECK_SCRIPT = r"""
 import json, sys
 result = {"loads": False, "error": None}
@@ -46,8 +47,8 @@ try:
     interpreter.allocate_tensors()
     for key in interpreter.get_signature_list():
         runner = interpreter.get_signature_runner(key)
-        feed = {name: np.ones(d["shape"], d["dtype"]) for name, d in runner.get_input_details().items()}
-        runner(**feed)
+        for fill in (np.ones, np.zeros):  # zeros = an empty (all-padding) history
+            runner(**{name: fill(d["shape"], d["dtype"]) for name, d in runner.get_input_details().items()})
     result["loads"] = True
 except BaseException as exc:
     result["error"] = f"{type(exc).__name__}: {exc}"
@@ -120,7 +121,8 @@ def check_litert(tflite_path: str | Path) -> dict:
         for key in interpreter.get_signature_list():
             runner = interpreter.get_signature_runner(key)
             inputs = runner.get_input_details()
-            runner(**{name: np.ones(d["shape"], d["dtype"]) for name, d in inputs.items()})
+            for fill in (np.ones, np.zeros):  # zeros = an empty (all-padding) history, as the agent checks
+                runner(**{name: fill(d["shape"], d["dtype"]) for name, d in inputs.items()})
     except Exception as exc:  # noqa: BLE001  (any failure to load is the answer we are after)
         return _result(False, f"{type(exc).__name__}: {exc}")
     return _result(True, None)

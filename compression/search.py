@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -64,14 +65,25 @@ class SearchError(Exception):
 
 @dataclass(frozen=True)
 class Variant:
-    """One candidate: a named chain of technique steps (a technique alone is a one-step chain)."""
+    """One candidate: a named chain of technique steps (a technique alone is a one-step chain).
+
+    ``base`` names the model the steps start from: ``"reference"`` (the chosen float32
+    reference) or another trained architecture (e.g. ``"mlp"``) for techniques that only apply
+    to that one; figures are always compared with the reference.
+    """
 
     name: str
     steps: tuple[Technique, ...]
+    base: str = "reference"
 
     def recipe(self) -> Recipe:
         """The steps as a ``Recipe``."""
         return Recipe(list(self.steps), name=self.name)
+
+    def config_key(self, base_key: str) -> str:
+        """Digest of everything that decides the result: base model (by its key) and every step."""
+        text = repr((self.base, base_key, [repr(step) for step in self.steps]))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -113,70 +125,61 @@ def measure_host_latency(tflite_path: str | Path, histories: np.ndarray, config:
             "threads": config.threads}
 
 
-def default_variants(profile: str = "full") -> list[Variant]:
-    """Every technique alone plus the recipes worth trying; ``quick`` shortens all training.
+# Techniques that rebuild the model as a single layer chain (or wrap its stock Keras layers with
+# tfmot): they apply to the MLP. On the sequential reference they are still tried, fail at once
+# with the reason, and run on the MLP base ("@mlp" variants) so every technique is covered.
+CHAIN_ONLY = ("prune-magnitude", "prune-magnitude-oneshot", "prune-activation", "prune-gradient",
+              "quant-linear-4bit", "quant-log-4bit", "qat", "cluster-16", "distill-feature", "svd", "cp")
 
-    The recipes follow the size budget: item_embedding (V x d) and logits (d x V) dominate,
-    so they shrink d (a distilled student, structured pruning, low rank) and end in int8.
-    QAT's per-tensor int8 matters here: per-channel PTQ stores a scale and zero point for
-    each of the V output channels (twice: both signatures), which costs more than the 16x
-    budget on the full item set.
+
+def default_variants(profile: str = "full", *, mlp_base: bool = True) -> list[Variant]:
+    """Every technique on the reference, the chain-only ones also on the MLP, and the student recipes.
+
+    The size budget is set by the item tables ([V, d] embeddings and FPMC factors), so the
+    recipes distil the reference into same-family students with small d and end in int8
+    (per-tensor scales, see ``compression.export``) or float16.
     """
     if profile not in PROFILES:
         raise SearchError(f"profile must be one of {PROFILES}, got {profile!r}")
     quick = profile == "quick"
-    tune = 0.5 if quick else 1.0           # fine-tuning epochs after a structural edit
-    student_epochs = 2.0 if quick else 5.0
-    student, tiny = StudentShape(24, 128), StudentShape(16, 128)
-    soft = SoftDistillation(student=student, epochs=student_epochs)
-    soft_tiny = SoftDistillation(student=tiny, epochs=student_epochs)
-    feature = FeatureDistillation(student=student, epochs=student_epochs)
-    int8 = PostTrainingQuantization("int8")
-    qat = QuantizationAwareTraining(epochs=tune, export_mode="int8")
-    slim = {"item_embedding": 0.75, "hidden": 0.5, "projection": 0.75}
-    low_rank = {"item_embedding": {"rank": 16}, "logits": {"rank": 16}}
-    alone = [
-        Variant("prune-magnitude", (MagnitudePruning(target=0.8, method="tfmot", epochs=tune),)),
-        Variant("prune-magnitude-oneshot", (MagnitudePruning(target=0.5, method="oneshot"),)),
-        Variant("prune-activation", (ActivationPruning(epochs=tune),)),
-        Variant("prune-gradient", (GradientPruning(epochs=tune),)),
-        Variant("quant-linear-4bit", (LinearQuantization(bits=4, granularity="row"),)),
+    tune = 0.5                              # fine-tuning epochs after a structural edit
+    student_epochs = 0.5 if quick else 1.0
+    int8, fp16 = PostTrainingQuantization("int8"), PostTrainingQuantization("float16")
+    # students start from the teacher (warm_start): from a random init, 1-2 epochs of distillation
+    # left 1000-customer students at 0.52-0.58 x the reference's NDCG@10 (bench --quick, 2026-12-01)
+    student = SoftDistillation(student=StudentShape(16, 128, fpmc_dim=8, blocks=1, heads=1, warm_start=True),
+                               epochs=student_epochs)
+    markov = SoftDistillation(student=StudentShape(8, 128, fpmc_dim=8, warm_start=True, kind="fpmc"),
+                              epochs=student_epochs)
+    mlp_student = StudentShape(24, 128)
+    chain = {
+        "prune-magnitude": MagnitudePruning(target=0.8, method="tfmot", epochs=tune),
+        "prune-magnitude-oneshot": MagnitudePruning(target=0.5, method="oneshot"),
+        "prune-activation": ActivationPruning(epochs=tune),
+        "prune-gradient": GradientPruning(epochs=tune),
+        "quant-linear-4bit": LinearQuantization(bits=4, granularity="row"),
+        "quant-log-4bit": LogQuantization(bits=4),
+        "qat": QuantizationAwareTraining(epochs=tune, export_mode="int8"),
+        "cluster-16": WeightClustering(clusters=16, epochs=tune),
+        "distill-feature": FeatureDistillation(student=mlp_student, epochs=student_epochs),
+        "svd": TruncatedSVD(epochs=tune),
+        "cp": CPDecomposition(rank=32, epochs=tune),
+    }
+    on_reference = [
         Variant("ptq-dynamic", (PostTrainingQuantization("dynamic"),)),
         Variant("ptq-int8", (int8,)),
-        Variant("ptq-float16", (PostTrainingQuantization("float16"),)),
-        Variant("qat", (qat,)),
-        Variant("cluster-16", (WeightClustering(clusters=16, epochs=tune),)),
-        Variant("quant-log-4bit", (LogQuantization(bits=4),)),
-        Variant("distill-soft", (soft,)),
-        Variant("distill-feature", (feature,)),
-        Variant("svd", (TruncatedSVD(epochs=tune),)),
-        Variant("cp", (CPDecomposition(rank=32, epochs=tune),)),
+        Variant("ptq-float16", (fp16,)),
+        Variant("distill-soft", (student,)),
+        *(Variant(name, (technique,)) for name, technique in chain.items()),
+        Variant("distill-soft+int8", (student, int8)),
+        Variant("distill-soft+float16", (student, fp16)),
+        Variant("distill-soft-fpmc8+int8", (markov, int8)),
+        Variant("distill-soft-fpmc8+float16", (markov, fp16)),
     ]
-    recipes = [
-        Variant("prune-magnitude+int8", (MagnitudePruning(target=0.8, method="tfmot", epochs=tune), int8)),
-        Variant("cluster-16+float16", (WeightClustering(clusters=16, epochs=tune),
-                                       PostTrainingQuantization("float16"))),
-        Variant("svd+qat", (TruncatedSVD(rules=low_rank, epochs=tune), qat)),
-        Variant("cp+svd+qat", (CPDecomposition(rank=32, epochs=tune),
-                               TruncatedSVD(rules={"logits": {"rank": 16}}, epochs=tune), qat)),
-        Variant("prune-activation+svd+int8", (
-            ActivationPruning(epochs=tune), TruncatedSVD(rules={"logits": {"rank": 16}}, epochs=tune), int8)),
-        Variant("distill-soft+int8", (soft, int8)),
-        Variant("distill-soft+qat", (soft, qat)),
-        Variant("distill-soft16+qat", (soft_tiny, qat)),
-        Variant("distill-soft+svd+qat", (soft, TruncatedSVD(rules=low_rank, epochs=tune), qat)),
-        Variant("distill-soft+prune-activation+qat", (soft, ActivationPruning(keep=slim, epochs=tune), qat)),
-        Variant("distill-soft+prune-gradient+qat", (soft, GradientPruning(keep=slim, epochs=tune), qat)),
-        Variant("distill-feature+prune-activation+qat",
-                (feature, ActivationPruning(keep=slim, epochs=tune), qat)),
-        Variant("distill-feature+prune-gradient+qat",
-                (feature, GradientPruning(keep=slim, epochs=tune), qat)),
-        Variant("distill-feature+prune-activation-half+qat", (feature, ActivationPruning(epochs=tune), qat)),
-        Variant("distill-feature+prune-gradient+svd+int8", (
-            feature, GradientPruning(keep={"hidden": 0.5}, epochs=tune),
-            TruncatedSVD(rules=low_rank, epochs=tune), int8)),
-    ]
-    return alone + recipes
+    if not mlp_base:
+        return on_reference
+    on_mlp = [Variant(f"{name}@mlp", (technique,), base="mlp") for name, technique in chain.items()]
+    return on_reference + on_mlp
 
 
 def _size_note(result: StepResult, metrics: dict) -> str | None:
@@ -228,7 +231,7 @@ class _PrefixCache:
         self._results: dict[tuple[str, ...], StepResult] = {}
 
     def run(self, variant: Variant, model: keras.Model, dataset: Dataset) -> StepResult:
-        keys = [repr(step) for step in variant.steps]
+        keys = [f"{variant.base}:{repr(step)}" if i == 0 else repr(step) for i, step in enumerate(variant.steps)]
         start, current = 0, StepResult(model=model, techniques=[])
         for n in range(len(keys), 0, -1):
             if tuple(keys[:n]) in self._results:
@@ -270,6 +273,15 @@ class SearchRun:
         self.run_name = self.run_name or self.out_dir.name
 
 
+def _architecture(model: keras.Model) -> dict | None:
+    from compression.seqmodel import architecture_of
+
+    try:
+        return architecture_of(model).to_dict()
+    except (ValueError, KeyError, AttributeError):
+        return None  # wrapped (QAT/pruning) models: their base's architecture is recorded
+
+
 def _data_fingerprint(dataset: Dataset) -> dict:
     return {"customers": len(dataset.customers), "items": dataset.num_items,
             "interactions": dataset.num_interactions, "source": dataset.source}
@@ -288,17 +300,33 @@ def _load_state(path: Path, fingerprint: dict) -> dict:
     return state
 
 
+def model_key(model: keras.Model) -> str:
+    """Digest of a model's name, input shape and weights: which model a stored result came from."""
+    digest = hashlib.sha256(f"{model.name}:{tuple(model.inputs[0].shape)}".encode())
+    for weight in model.get_weights():
+        digest.update(np.ascontiguousarray(weight).tobytes())
+    return digest.hexdigest()[:16]
+
+
 def run_search(reference: keras.Model, dataset: Dataset, variants: Sequence[Variant], run: SearchRun,
-               *, training: dict | None = None,
+               *, training: dict | None = None, bases: dict[str, keras.Model] | None = None,
                on_variant: Callable[[dict], None] | None = None) -> dict:
     """Export the reference and every variant, rank them, and write the run's outputs.
 
+    ``bases`` holds the other trained architectures variants may start from (``Variant.base``).
+    A stored result is reused only when its variant's configuration key (steps + base model
+    weights) is unchanged; anything else is run again, never silently resumed.
     Returns the result dict (also written as ``search.json``): ``reference``, ``baselines``,
     ``variants``, ``pareto`` (names), ``best`` and the ``floor``.
     """
     names = [v.name for v in variants]
     if len(set(names)) != len(names):
         raise SearchError(f"variant names must be unique, got {names}")
+    models = {"reference": reference, **(bases or {})}
+    missing = sorted({v.base for v in variants} - set(models))
+    if missing:
+        raise SearchError(f"variants start from {missing}, which were not given; have {sorted(models)}")
+    keys = {name: model_key(model) for name, model in models.items()}
     out = run.out_dir
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / "state.json"
@@ -306,6 +334,10 @@ def run_search(reference: keras.Model, dataset: Dataset, variants: Sequence[Vari
     window = int(reference.inputs[0].shape[1])
     golden = dataset.eval_histories("test", window)[0][:256]
 
+    if state["reference"] is not None and state["reference"].get("key") != keys["reference"]:
+        _LOGGER.warning("%s holds another reference (key %s, now %s): exporting it again",
+                        state_path, state["reference"].get("key"), keys["reference"])
+        state["reference"] = None
     if state["reference"] is None:
         _LOGGER.info("exporting the float32 reference")
         path = export_artifact(reference, dataset, out / "reference", model_id=f"{run.run_name}-reference",
@@ -315,21 +347,26 @@ def run_search(reference: keras.Model, dataset: Dataset, variants: Sequence[Vari
         latency = measure_host_latency(path / "model.tflite", golden, run.latency)
         state["reference"] = {"name": "reference", "techniques": [], "recipe": [], "quantization": "none",
                               "params": int(reference.count_params()), "artifact": str(path),
-                              **_figures(metrics, latency)}
+                              "key": keys["reference"], "architecture": _architecture(reference),
+                              "training": training or {}, **_figures(metrics, latency)}
         state["baselines"] = metrics["baselines"]
         _write_json_atomic(state_path, state)
     ref = state["reference"]
     ref_figures = {key: ref[key] for key in ("tflite_bytes", "gzip_bytes", "hr10", "ndcg10", "mrr")}
 
     cache = _PrefixCache()
-    todo = [v for v in variants if v.name not in state["variants"]]
+    wanted = {v.name: v.config_key(keys[v.base]) for v in variants}
+    stale = [n for n in wanted if n in state["variants"] and state["variants"][n].get("config") != wanted[n]]
+    if stale:
+        _LOGGER.warning("configuration changed since the stored run for %s: running them again", stale)
+    todo = [v for v in variants if v.name not in state["variants"] or v.name in stale]
     bar = tqdm(total=len(variants), initial=len(variants) - len(todo), desc="search", unit="variant",
                disable=not run.progress)
     for variant in todo:
         bar.set_postfix_str(variant.name)
         started = time.perf_counter()
         try:
-            result = cache.run(variant, reference, dataset)
+            result = cache.run(variant, models[variant.base], dataset)
             path = export_artifact(result.model, dataset, out / "variants" / variant.name,
                                    model_id=f"{run.run_name}-{variant.name}", k=run.k,
                                    quantization=result.quantization, techniques=result.techniques,
@@ -337,16 +374,20 @@ def run_search(reference: keras.Model, dataset: Dataset, variants: Sequence[Vari
                                    reference=ref_figures, check_compat=run.check_compat)
             metrics = json.loads((path / "metrics.json").read_text(encoding="utf-8"))
             latency = measure_host_latency(path / "model.tflite", golden, run.latency)
-            row = {"name": variant.name, "techniques": list(dict.fromkeys(result.techniques)),
+            row = {"name": variant.name, "base": variant.base,
+                   "architecture": _architecture(result.model),
+                   "techniques": list(dict.fromkeys(result.techniques)),
                    "recipe": result.techniques, "quantization": result.quantization,
                    "params": int(result.model.count_params()), "artifact": str(path),
                    **_figures(metrics, latency), "size_note": _size_note(result, metrics),
                    "notes": _jsonable(result.notes)}
         except Exception as exc:  # one failing variant must not end a long search; the row says why
             _LOGGER.exception("variant %s failed", variant.name)
-            row = {"name": variant.name, "techniques": list(dict.fromkeys(s.name for s in variant.steps)),
+            row = {"name": variant.name, "base": variant.base, "architecture": _architecture(models[variant.base]),
+                   "techniques": list(dict.fromkeys(s.name for s in variant.steps)),
                    "recipe": [s.name for s in variant.steps], "error": f"{type(exc).__name__}: {exc}"}
         row["seconds"] = time.perf_counter() - started
+        row["config"] = wanted[variant.name]
         state["variants"][variant.name] = row
         _write_json_atomic(state_path, state)
         if on_variant is not None:
@@ -405,7 +446,7 @@ def finish_search(state: dict, names: Sequence[str], run: SearchRun) -> dict:
 
 
 def load_reference_model(path: str | Path, dataset: Dataset, window: int = 20) -> keras.Model:
-    """A saved Keras model (.keras/.h5) or weights (.weights.h5) of the reference architecture."""
+    """A saved Keras model (.keras/.h5) or MLP weights (.weights.h5) of the reference."""
     from compression.model import build_reference
 
     path = Path(path)
@@ -418,30 +459,50 @@ def load_reference_model(path: str | Path, dataset: Dataset, window: int = 20) -
     return keras.models.load_model(str(path), compile=False)
 
 
-def obtain_reference(dataset: Dataset, out_dir: Path, *, reference_path: str | None, preset: str,
-                     window: int = 20, epochs: int | None = None) -> tuple[keras.Model, dict]:
-    """Load the given reference, or the one cached in ``out_dir``, or train it (and cache it).
+def export_candidates(models: dict[str, keras.Model], records: dict[str, dict], dataset: Dataset,
+                      out_dir: Path, check_compat: bool) -> dict[str, dict]:
+    """Export each candidate as float32 once: its .tflite size and which runtimes load it."""
+    for name, model in models.items():
+        record = records[name]
+        path = out_dir / name
+        metrics_path = path / "metrics.json"
+        if metrics_path.is_file():
+            metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+            if metrics.get("model_id") == f"candidate-{name}-{record['key']}":
+                record["export"] = _candidate_export(metrics, path)
+                continue
+        export_artifact(model, dataset, path, model_id=f"candidate-{name}-{record['key']}", quantization="none",
+                        training=record["config"], check_compat=check_compat)
+        record["export"] = _candidate_export(json.loads(metrics_path.read_text(encoding="utf-8")), path)
+    return records
 
-    ``epochs`` overrides the preset's (a slice of customers needs more passes to learn).
+
+def _candidate_export(metrics: dict, path: Path) -> dict:
+    return {key: metrics[key] for key in ("tflite_bytes", "hr10", "ndcg10", "mrr", "runtimes")} | {
+        "artifact": str(path)}
+
+
+def obtain_references(dataset: Dataset, out_dir: Path, *, preset: str, epochs: int | None = None,
+                      check_compat: bool = True) -> tuple[keras.Model, dict, dict[str, keras.Model]]:
+    """Train the candidate architectures (cached), pick the reference by validation NDCG@10.
+
+    Returns (reference, training record incl. every candidate's figures, the other candidates
+    by name as bases for techniques that only apply to them).
     """
-    from compression.train import TrainConfig, train_reference
+    from compression.reference import choose_reference, default_candidates
 
-    cached = out_dir / "reference.weights.h5"
-    meta_path = out_dir / "reference.training.json"
-    if reference_path:
-        return load_reference_model(reference_path, dataset, window), {"source": str(reference_path)}
-    if cached.is_file():
-        _LOGGER.info("using the reference cached in %s", cached)
-        meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
-        return load_reference_model(cached, dataset, window), meta
-    overrides = {"window": window} | ({"epochs": epochs} if epochs else {})
-    config = TrainConfig.full(**overrides) if preset == "full" else TrainConfig.quick(**overrides)
-    model, history = train_reference(dataset, config, progress=False)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_weights(str(cached))
-    meta = {"config": config.to_dict(), "history": history}
-    _write_json_atomic(meta_path, meta)
-    return model, meta
+    best, models, records = choose_reference(dataset, default_candidates(preset, epochs),
+                                             out_dir / "candidates")
+    export_candidates(models, records, dataset, out_dir / "candidates", check_compat)
+    training = {"architecture": records[best]["architecture"], "config": records[best]["config"],
+                "history": records[best]["history"], "selected_by": "val_ndcg10", "chosen": best,
+                "candidates": {name: {key: rec.get(key) for key in ("architecture", "config", "val", "test",
+                                                                    "export")}
+                               | {"best_epoch": rec["history"]["best_epoch"], "params": rec["history"]["params"],
+                                  "seconds": rec["history"]["seconds"]}
+                               for name, rec in records.items()}}
+    bases = {name: model for name, model in models.items() if name != best}
+    return models[best], training, bases
 
 
 def select_variants(all_variants: Sequence[Variant], wanted: str | None) -> list[Variant]:
@@ -469,11 +530,16 @@ def search_command(args: argparse.Namespace) -> int:
     if args.fresh and (out / "state.json").exists():
         (out / "state.json").unlink()
     dataset = load_dataset(args.data, max_customers=args.max_customers)
-    reference, training = obtain_reference(dataset, out, reference_path=args.reference,
-                                           preset=args.train_preset)
+    if args.reference:
+        reference = load_reference_model(args.reference, dataset)
+        training, bases = {"source": str(args.reference)}, {}
+        variants = [v for v in variants if v.base == "reference"]
+    else:
+        reference, training, bases = obtain_references(dataset, out, preset=args.train_preset,
+                                                       check_compat=not args.no_compat)
     run = SearchRun(out_dir=out, floor=args.floor, check_compat=not args.no_compat,
                     latency=LatencyConfig.for_profile(args.profile))
-    result = run_search(reference, dataset, variants, run, training=training)
+    result = run_search(reference, dataset, variants, run, training=training, bases=bases)
     best = result["best"]
     recipe = " -> ".join(best["recipe"]) or "reference"
     print(f"best: {best['name']} ({recipe}) {best['tflite_bytes']} bytes, "

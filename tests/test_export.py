@@ -88,7 +88,7 @@ def test_artifact_files_follow_the_design(float_artifact: Path, tiny_data: Datas
     assert metrics["tflite_bytes"] == (float_artifact / "model.tflite").stat().st_size
     assert 0 < metrics["gzip_bytes"] < metrics["tflite_bytes"]
     assert metrics["num_items"] == tiny_data.num_items and metrics["window"] == TINY.window
-    assert set(metrics["baselines"]) == {"popularity", "itemknn"}
+    assert set(metrics["baselines"]) == {"popularity", "itemknn", "itemknn_tuned", "sknn"}
     assert metrics["reference"]["hr10"] == pytest.approx(metrics["hr10"], abs=1e-4)
     assert metrics["split"]["protocol"] == "leave-last-out" and metrics["training"]["dim"] == TINY.dim
     assert ["FULLY_CONNECTED", 1] in metrics["ops"] and any(op[0] == "TOPK_V2" for op in metrics["ops"])

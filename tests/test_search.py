@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import tf_keras as keras
 from ai_edge_litert.interpreter import Interpreter
 
 from compression.report import dominates, pareto_front
@@ -77,7 +78,7 @@ def test_search_writes_reports_picks_best_and_resumes(tiny, tmp_path):
     row = result["variants"][0]
     assert row["tflite_bytes"] < ref["tflite_bytes"] / 2
     assert row["host_p50_ms"] > 0 and row["latency"]["n"] >= 20
-    assert set(result["baselines"]) == {"popularity", "itemknn"}
+    assert set(result["baselines"]) == {"popularity", "itemknn", "itemknn_tuned", "sknn"}
 
     # Resume: the finished variant is not run again, the new one is.
     more = first + [Variant("prune-oneshot", (MagnitudePruning(target=0.5, method="oneshot"),)),
@@ -129,3 +130,39 @@ def test_search_refuses_state_of_other_data(tiny, tmp_path):
     run = SearchRun(out_dir=out, check_compat=False, latency=FAST_LATENCY, progress=False)
     with pytest.raises(SearchError, match="customers"):
         run_search(model, dataset, [Variant("ptq-int8", (PostTrainingQuantization("int8"),))], run)
+
+
+def test_changed_variant_configuration_is_run_again_not_resumed(tiny, tmp_path):
+    model, dataset = tiny
+    run = SearchRun(out_dir=tmp_path / "run", floor=0.9, check_compat=False, latency=FAST_LATENCY,
+                    progress=False)
+    seen = []
+    half = [Variant("pruned", (MagnitudePruning(target=0.5, method="oneshot"),))]
+    first = run_search(model, dataset, half, run, on_variant=seen.append)["variants"][0]
+    # same name, same configuration: resumed, nothing runs
+    seen.clear()
+    assert run_search(model, dataset, half, run, on_variant=seen.append)["variants"][0]["config"] == first["config"]
+    assert seen == []
+    # same name, another sparsity: the stored row is stale and the variant runs again
+    more = [Variant("pruned", (MagnitudePruning(target=0.7, method="oneshot"),))]
+    again = run_search(model, dataset, more, run, on_variant=seen.append)["variants"][0]
+    assert [r["name"] for r in seen] == ["pruned"] and again["config"] != first["config"]
+    assert "sparsity 0.70" in again["size_note"]
+    # another reference (different weights): the reference is exported again and every variant reruns
+    other = keras.models.clone_model(model)
+    other.set_weights([w * 0.5 for w in model.get_weights()])
+    seen.clear()
+    result = run_search(other, dataset, more, run, on_variant=seen.append)
+    assert [r["name"] for r in seen] == ["pruned"] and result["reference"]["key"] != first["config"]
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert state["reference"]["key"] == result["reference"]["key"]
+
+
+def test_variants_from_another_base_need_that_base(tiny, tmp_path):
+    model, dataset = tiny
+    run = SearchRun(out_dir=tmp_path / "run", check_compat=False, latency=FAST_LATENCY, progress=False)
+    with pytest.raises(SearchError, match="mlp"):
+        run_search(model, dataset, [Variant("q@mlp", (PostTrainingQuantization("float16"),), base="mlp")], run)
+    rows = run_search(model, dataset, [Variant("q@mlp", (PostTrainingQuantization("float16"),), base="mlp")],
+                      run, bases={"mlp": model})["variants"]
+    assert rows[0]["base"] == "mlp" and rows[0]["architecture"]["kind"] == "mlp"

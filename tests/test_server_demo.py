@@ -38,7 +38,7 @@ def test_demo_runs_the_whole_loop_and_stops_what_it_started(tmp_path: Path,
     assert list(tmp_path.glob("edgeguide-demo-*")) == []
     assert str(tmp_path) not in text and "pass --keep" in text
     assert code == 0, text[-3000:]
-    for expected in ("data: 200 customers", "popularity baseline", "item-to-item baseline", "int8 (deployed)",
+    for expected in ("data: 200 customers", "popularity baseline", "item-to-item (tuned on val)", "int8 (deployed)",
                      "smaller on disk", "promoted", "latency p50 / p90 / p99", "peak RSS", "energy source",
                      "top-K agreement", "Gate verdict: PASS", "POST /recommend"):
         assert expected in text, f"{expected!r} missing from the demo output"

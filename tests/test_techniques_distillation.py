@@ -13,7 +13,7 @@ from compression.model import build_reference
 from compression.techniques import FeatureDistillation, SoftDistillation, StudentShape, TechniqueError
 from compression.techniques.common import fine_tune
 from compression.techniques.distill_feature import feature_loss
-from compression.techniques.distillation import kd_loss
+from compression.techniques.distillation import build_student, kd_loss
 
 
 def _softmax(z):
@@ -82,3 +82,35 @@ def test_distillation_rejects_bad_alpha(teacher):
     model, dataset = teacher
     with pytest.raises(TechniqueError, match="1.2"):
         SoftDistillation(alpha=1.2).apply(model, dataset)
+
+
+def test_warm_started_sequential_student_inherits_the_teachers_transition_terms() -> None:
+    from compression.seqmodel import Architecture, build_model
+    from compression.techniques.distillation import low_rank_pair
+
+    teacher = build_model(40, Architecture(dim=8, fpmc_dim=4, blocks=1, heads=1), window=6)
+    for weight in teacher.get_layer("transitions").weights:
+        weight.assign(np.random.default_rng(1).normal(size=weight.shape).astype(np.float32))
+    same = build_student(teacher, 40, StudentShape(dim=8, fpmc_dim=4, warm_start=True))
+    history = np.array([[0, 3, 9, 9, 20, 21]], dtype=np.int32)
+    expected = teacher.get_layer("transitions")(history).numpy()
+    assert np.allclose(same.get_layer("transitions")(history).numpy(), expected, atol=1e-4)
+    # a narrower FPMC keeps the best rank-2 approximation of the teacher's last -> next map
+    left = np.random.default_rng(2).normal(size=(40, 4))
+    right = np.random.default_rng(3).normal(size=(40, 4))
+    a, b = low_rank_pair(left, right, 2)
+    u, s, vt = np.linalg.svd(left @ right.T)
+    assert np.allclose(a @ b.T, (u[:, :2] * s[:2]) @ vt[:2], atol=1e-4)
+    small = build_student(teacher, 40, StudentShape(dim=4, fpmc_dim=2, warm_start=True))
+    assert small.get_layer("item_embedding").embeddings.shape == (41, 4)
+
+
+def test_markov_student_of_a_sequential_teacher_keeps_only_the_transition_terms() -> None:
+    from compression.seqmodel import Architecture, architecture_of, build_model
+
+    teacher = build_model(40, Architecture(dim=8, fpmc_dim=4, blocks=1, heads=1), window=6)
+    student = build_student(teacher, 40, StudentShape(dim=8, fpmc_dim=2, kind="fpmc", warm_start=True))
+    assert architecture_of(student).kind == "fpmc" and architecture_of(student).fpmc_dim == 2
+    assert "item_embedding" not in {layer.name for layer in student.layers}
+    with pytest.raises(TechniqueError, match="MLP"):
+        build_student(teacher, 40, StudentShape(kind="mlp"))

@@ -1,7 +1,8 @@
 """Shared machinery of the two distillation techniques: the student and its training loop.
 
-The student is the reference architecture with smaller sizes (``build_reference``), so every
-later technique finds the same layer names. The loop computes the teacher's logits (and,
+The student is the teacher's architecture with smaller sizes (the MLP via ``build_reference``,
+the sequential family via ``compression.seqmodel.build_model``), so every later technique
+finds the same layer names. The loop computes the teacher's logits (and,
 for feature distillation, its hidden representation) on the fly for each batch.
 """
 
@@ -18,6 +19,7 @@ from tqdm.auto import tqdm
 
 from compression.data import Dataset
 from compression.model import build_reference
+from compression.seqmodel import architecture_of, build_model
 from compression.techniques.base import TechniqueError
 from compression.techniques.common import model_window, training_arrays
 
@@ -40,10 +42,21 @@ def kd_loss(labels: tf.Tensor, student_logits: tf.Tensor, teacher_logits: tf.Ten
 
 @dataclass(frozen=True)
 class StudentShape:
-    """Sizes of the student recommender (the reference is dim 64, hidden 256)."""
+    """Sizes of the student recommender (the MLP reference is dim 64, hidden 256).
+
+    ``fpmc_dim``/``blocks``/``heads`` shrink a sequential teacher's FPMC term and attention
+    (None keeps the teacher's); the MLP ignores them. ``kind`` switches a sequential teacher's
+    student to another sequential kind (e.g. "fpmc": transition terms only). ``warm_start`` starts a sequential
+    student from the teacher (``warm_start_student``) instead of a random init.
+    """
 
     dim: int = 32
     hidden: int = 128
+    fpmc_dim: int | None = None
+    blocks: int | None = None
+    heads: int | None = None
+    warm_start: bool = False
+    kind: str | None = None
 
 
 def build_student(teacher: keras.Model, num_items: int, shape: StudentShape, seed: int = 0) -> keras.Model:
@@ -53,7 +66,68 @@ def build_student(teacher: keras.Model, num_items: int, shape: StudentShape, see
         raise TechniqueError(f"teacher outputs {n_out} logits but the dataset has {num_items} items "
                              "(+1 for padding)")
     keras.utils.set_random_seed(seed)
-    return build_reference(num_items, window=model_window(teacher), dim=shape.dim, hidden=shape.hidden)
+    arch = architecture_of(teacher)
+    if arch.kind == "mlp":
+        return build_reference(num_items, window=model_window(teacher), dim=shape.dim, hidden=shape.hidden)
+    changes = {"dim": shape.dim} | {key: getattr(shape, key) for key in ("fpmc_dim", "blocks", "heads")
+                                    if getattr(shape, key) is not None}
+    if shape.kind is not None:
+        if shape.kind == "mlp":
+            raise TechniqueError("a sequential teacher's student cannot be an MLP; use the MLP base")
+        changes["kind"] = shape.kind
+    if changes.get("kind", arch.kind) == "fpmc":
+        changes = {"kind": "fpmc", "fpmc_dim": shape.fpmc_dim or shape.dim}
+    student = build_model(num_items, arch.replace(**changes), window=model_window(teacher))
+    if shape.warm_start:
+        warm_start_student(student, teacher)
+    return student
+
+
+def low_rank_pair(left: np.ndarray, right: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """(A [n, r], B [m, r]) with A @ B.T the best rank-r approximation of left @ right.T (via QR + SVD)."""
+    q_l, r_l = np.linalg.qr(left.astype(np.float64))
+    q_r, r_r = np.linalg.qr(right.astype(np.float64))
+    u, s, vt = np.linalg.svd(r_l @ r_r.T)
+    root = np.sqrt(s[:rank])
+    return (q_l @ u[:, :rank] * root).astype(np.float32), (q_r @ vt[:rank].T * root).astype(np.float32)
+
+
+def warm_start_student(student: keras.Model, teacher: keras.Model) -> dict:
+    """Copy what fits from a sequential teacher into a smaller student of the same family.
+
+    The transition terms' catalogue offsets, repeat weights and item bias are copied exactly;
+    the FPMC factors become the best rank-f approximation of the teacher's last -> next map;
+    the tied item table is projected on its top principal directions. The attention/GRU
+    weights keep their fresh init (their width changed); distillation trains everything.
+    """
+    names = {layer.name for layer in student.layers}
+    if "transitions" not in names:
+        raise TechniqueError(f"warm start needs a sequential student; {student.name!r} has no transition terms")
+    t_heads, s_heads = teacher.get_layer("transitions"), student.get_layer("transitions")
+    teacher_w = {w.name.split("/")[-1].split(":")[0]: w.numpy() for w in t_heads.weights}
+    notes = {}
+    for weight in s_heads.weights:
+        key = weight.name.split("/")[-1].split(":")[0]
+        if key in ("offsets", "repeats", "item_bias") and teacher_w[key].shape == tuple(weight.shape):
+            weight.assign(teacher_w[key])
+            notes[key] = "copied"
+    if s_heads.fpmc_dim and t_heads.fpmc_dim:
+        rank = min(s_heads.fpmc_dim, t_heads.fpmc_dim)
+        last, nxt = low_rank_pair(teacher_w["last_factors"], teacher_w["next_factors"], rank)
+        pad = s_heads.fpmc_dim - rank
+        s_heads.last_factors.assign(np.pad(last, ((0, 0), (0, pad))))
+        s_heads.next_factors.assign(np.pad(nxt, ((0, 0), (0, pad))))
+        notes["fpmc"] = f"rank-{rank} factorisation of the teacher's map"
+    if "item_embedding" in names and "item_embedding" in {layer.name for layer in teacher.layers}:
+        table = teacher.get_layer("item_embedding").embeddings.numpy()
+        target = student.get_layer("item_embedding").embeddings
+        dim = int(target.shape[1])
+        _, _, vt = np.linalg.svd(table - table.mean(axis=0), full_matrices=False)
+        target.assign((table @ vt[:dim].T).astype(np.float32)[:, :dim] if dim <= vt.shape[0]
+                      else np.pad(table, ((0, 0), (0, dim - table.shape[1]))))
+        notes["item_embedding"] = f"projected on the top {min(dim, vt.shape[0])} principal directions"
+    _LOGGER.info("warm start: %s", notes)
+    return notes
 
 
 def check_alpha_temperature(alpha: float, temperature: float) -> None:
