@@ -25,6 +25,32 @@ PLUGINS = {"compression.search_cli": "register_search_subcommand"}
 MODEL_FILE = "reference.keras"
 RUN_FILE = "training.json"
 _REGISTRY: dict[str, tuple[str, Configure]] = {}
+EXIT_CODES = """exit codes:
+  0    success
+  1    the work ran and fell short (search: no variant kept NDCG@10 >= floor x reference)
+  2    bad input, nothing written: unknown option or variant, an artifact that does not match the data
+  130  interrupted (Ctrl-C); a search resumes from its --out folder"""
+# Accepted before or after the subcommand, as with edgeguide-server and edgeguide-agent.
+_GLOBAL_DEFAULTS: dict[str, object] = {"verbose": 0, "log_level": None}
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the epilog's layout and shows each option's default unless its help already does."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
+
+
+def add_global_options(parser: argparse.ArgumentParser) -> None:
+    """`-v/-vv` and `--log-level`, with SUPPRESS defaults so a subparser never overwrites the top level."""
+    group = parser.add_argument_group("global options (before or after the command)")
+    group.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                       help="more logging: -v keeps info, -vv debug (default: info)")
+    group.add_argument("--log-level", type=str.upper, default=argparse.SUPPRESS,
+                       choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="set the log level outright")
 
 
 def subcommand(name: str, help: str) -> Callable[[Configure], Configure]:
@@ -195,11 +221,17 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The full parser, with every registered (and plugged-in) subcommand."""
-    parser = argparse.ArgumentParser(prog="edgeguide-compress", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    from importlib.metadata import version
+
+    parser = argparse.ArgumentParser(prog="edgeguide-compress", description=__doc__.splitlines()[0],
+                                     formatter_class=HelpFormatter, epilog=EXIT_CODES)
+    parser.add_argument("--version", action="version", version=f"edgeguide-compress {version('edgeguide')}")
+    add_global_options(parser)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, configure) in _REGISTRY.items():
-        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        sub = subparsers.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter,
+                                    epilog=EXIT_CODES)
+        add_global_options(sub)
         sub.set_defaults(func=configure(sub))
     for module_name, register in PLUGINS.items():
         try:
@@ -216,6 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Console entry point."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    for name, default in _GLOBAL_DEFAULTS.items():
+        if not hasattr(args, name):
+            setattr(args, name, default)
+    level = args.log_level or ("DEBUG" if args.verbose >= 2 else "INFO")
+    logging.basicConfig(level=getattr(logging, level),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return args.func(args)

@@ -6,20 +6,31 @@ Building the CLI (and `--help`) stays instant; TensorFlow is imported only when 
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def _run_search(args: argparse.Namespace) -> int:
-    from compression.search import search_command
+    from compression.search import SearchError, search_command
 
-    return search_command(args)
+    try:
+        return search_command(args)
+    except SearchError as exc:  # every one is about the input: names, floor, reference path, --out state
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 def register_search_subcommand(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add ``search`` to the ``edgeguide-compress`` CLI; the parser's ``func`` runs it."""
+    from compression.cli import EXIT_CODES, HelpFormatter, add_global_options
+
     parser = subparsers.add_parser(
         "search", help="accuracy-aware compression search (Pareto report, resumable)",
+        formatter_class=HelpFormatter, epilog=EXIT_CODES,
         description="Try every technique and recipe on the reference, keep the Pareto frontier and "
-                    "export the smallest model with NDCG@10 >= floor x reference.")
+                    "export the smallest model with NDCG@10 >= floor x reference. Without --reference it "
+                    "trains the reference candidates first (full data: about 30 min on 2 cores for the "
+                    "whole run; --list shows the variants, --variants picks some).")
+    add_global_options(parser)
     parser.add_argument("--floor", type=float, default=0.99,
                         help="NDCG@10 floor as a fraction of the reference's")
     parser.add_argument("--out", default="reports/search", help="output folder (re-running resumes it)")
