@@ -138,7 +138,8 @@ def _mqtt_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--protocol", choices=("auto", "5", "3.1.1"), default="auto",
                        help="MQTT version: auto tries 5 and falls back to 3.1.1")
     group.add_argument("--username", help="broker user name (overrides the URL)")
-    group.add_argument("--password", help="broker password (prefer the URL or a config-managed secret)")
+    group.add_argument("--password", help="broker password; like a URL with a password, it shows in `ps`: prefer "
+                            f"${ENV_BROKER} in the environment (a systemd EnvironmentFile, a secret store)")
     group.add_argument("--tls-ca", help="CA certificate file for mqtts://")
     group.add_argument("--tls-cert", help="client certificate file (mutual TLS)")
     group.add_argument("--tls-key", help="client key file (mutual TLS)")

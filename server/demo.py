@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
+from protocol.redact import redact_url
 from server.gate import format_figure
 
 _LOGGER = logging.getLogger(__name__)
@@ -216,7 +217,7 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> int:
             with console.status("starting the embedded amqtt broker (MQTT 3.1.1) ..."):
                 broker.start()
             broker_url = broker.url
-        console.print(f"[bold]broker[/]: {broker_url}")
+        console.print(f"[bold]broker[/]: {redact_url(broker_url)}")
         registry = Registry(workdir / "server")
         record = registry.register(built.int8_dir)
         console.print(f"[bold]registered[/] {record.id}: {record.size:,} bytes packed, sha256 {record.sha256[:16]}...")
