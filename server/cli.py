@@ -391,8 +391,8 @@ def _print_outcome(args: argparse.Namespace, registry: Any, final: Any) -> None:
         out.print_json(out.deployment_dict(final, registry.reports_dir))
         return
     for check in (final.verdict or {}).get("checks", []):
-        print("  " + out.check_line(check))
-    print(f"{final.deployment_id}: {final.status} - {final.reason}")
+        print("  " + out.safe(out.check_line(check)))
+    print(out.safe(f"{final.deployment_id}: {final.status} - {final.reason}"))
     if folder is not None:
         print(f"report: {folder}")
 
@@ -504,8 +504,8 @@ def cmd_rollout(args: argparse.Namespace, data_dir: Path) -> int:
         out.print_json(out.rollout_dict(rollout))
     else:
         for device, member in rollout.devices.items():
-            print(f"  {device}: {member['outcome'] or '-'} {member['detail']}".rstrip())
-        print(f"{rollout.rollout_id}: {rollout.status} - {rollout.reason}")
+            print(out.safe(f"  {device}: {member['outcome'] or '-'} {member['detail']}".rstrip()))
+        print(out.safe(f"{rollout.rollout_id}: {rollout.status} - {rollout.reason}"))
     return EXIT_OK if rollout.status == "completed" else EXIT_FAILED
 
 
@@ -591,14 +591,14 @@ def _show_deployment(args: argparse.Namespace, registry: Any) -> int:
     for key in ("deployment_id", "device_id", "model", "status", "reason", "verdict", "created", "updated",
                 "report_dir", "waiting_on"):
         if info.get(key) not in (None, ""):
-            print(f"{key + ':':15s} {info[key]}")
+            print(f"{key + ':':15s} {out.safe(info[key])}")
     if info["checks"]:
         print("checks:")
         for check in info["checks"]:
-            print("  " + out.check_line(check))
+            print("  " + out.safe(out.check_line(check)))
     print("events:")
     for e in events:
-        print(f"  {out.local_time(e['ts'])} {e['kind']} {e['detail']}".rstrip())
+        print(out.safe(f"  {out.local_time(e['ts'])} {e['kind']} {e['detail']}".rstrip()))
     return EXIT_OK
 
 
@@ -614,7 +614,7 @@ def cmd_cancel(args: argparse.Namespace, data_dir: Path) -> int:
     if args.json:
         out.print_json(out.deployment_dict(dep))
     else:
-        print(f"{dep.deployment_id}: {dep.status} - {dep.reason}")
+        print(out.safe(f"{dep.deployment_id}: {dep.status} - {dep.reason}"))
     return EXIT_OK
 
 
@@ -644,8 +644,8 @@ def cmd_logs(args: argparse.Namespace, data_dir: Path) -> int:
             if args.json:  # one JSON object per line, so -f output can be streamed
                 print(json.dumps(entry, sort_keys=True), flush=True)
             else:
-                print(f"{out.local_time(e['ts'])} {e['kind']:24s} {e['device_id'] or '-'} "
-                      f"{e['deployment_id'] or '-'} {e['detail']}".rstrip(), flush=True)
+                print(out.safe(f"{out.local_time(e['ts'])} {e['kind']:24s} {e['device_id'] or '-'} "
+                               f"{e['deployment_id'] or '-'} {e['detail']}".rstrip()), flush=True)
             last_id = max(last_id, e["id"])
         if not args.follow:
             return EXIT_OK

@@ -3,6 +3,9 @@
 A table on a terminal goes through rich (it may fold long cells to fit). Piped, the same rows are
 printed as aligned plain columns with nothing cut, so `| grep`/`| awk` see full ids and reasons.
 `--json` prints one JSON document instead; its field names are part of the command line's contract.
+Text a device sent (errors, reasons, event details) is shown literally in both: no rich markup, and
+control characters (ANSI escapes, bells, carriage returns) printed as `\\xNN` instead of reaching the terminal.
+JSON output is exact (json escapes control characters itself).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -21,6 +25,14 @@ from server.registry import ArtifactRecord, DeploymentRecord, DeviceRecord
 _LOGGER = logging.getLogger(__name__)
 
 _BINARY_UNITS = (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10))
+# C0 (tab and newline included: one value stays on one line), DEL, C1, and the bidi and line-separator
+# characters that can make a line read differently from what it holds.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def safe(text: object) -> str:
+    """`text` with every control character shown as an escape (`\\x1b`), so printing it cannot drive the terminal."""
+    return _UNSAFE.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}", str(text))
 
 
 def is_tty() -> bool:
@@ -34,14 +46,19 @@ def print_json(obj: Any) -> None:
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    """A rich table on a terminal; aligned, never-truncated columns otherwise."""
+    """A rich table on a terminal; aligned, never-truncated columns otherwise.
+
+    Cells are plain text, never rich markup (a device's `[/x]` would crash the listing), escaped by `safe`.
+    """
+    rows = [[safe(cell) for cell in row] for row in rows]
     if is_tty():
         from rich.console import Console
         from rich.table import Table
+        from rich.text import Text
 
-        table = Table(*headers)
+        table = Table(*headers)  # our own fixed names
         for row in rows:
-            table.add_row(*row)
+            table.add_row(*(Text(cell) for cell in row))
         Console().print(table)
         return
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
