@@ -13,7 +13,11 @@ from pathlib import Path
 from agent.config import AgentConfig
 from agent.daemon import EVENT_REASON_MAX_CHARS
 from agent.serving import http
+from agent.serving.service import DEFAULT_MAX_HISTORY
+from agent.store import FINISHED_KEEP
+from agent.transfer import DISK_FACTOR
 from protocol.limits import DEFAULT_LIMITS, KIB, MIB, Limits
+from protocol.mqtt import SESSION_EXPIRY_S
 from server.deployer import DeployerConfig
 from server.ingest import IngestLimits
 from server.registry import EVENT_DETAIL_MAX_CHARS
@@ -24,7 +28,7 @@ ROW = re.compile(r"^\|\s*`([a-z_.]+)`\s*\|\s*([^|]+?)\s*\|")
 
 def human(name: str, value: float) -> str:
     """How the docs write a value: sizes in KiB/MiB, durations in s or days, counts as numbers."""
-    if name.endswith(("_bytes", "max_packet_size")):
+    if name.endswith(("_bytes", "max_packet_size", "chunk_size")):
         for unit, size in (("MiB", MIB), ("KiB", KIB)):
             if value >= size and value % size == 0:
                 return f"{value // size} {unit}"
@@ -35,9 +39,12 @@ def human(name: str, value: float) -> str:
 
 
 def expected_limits() -> dict[str, str]:
+    # Every field of the limit dataclasses, so a new field without its row in the docs fails here.
     out = {f.name: human(f.name, getattr(DEFAULT_LIMITS, f.name)) for f in fields(Limits)}
     ingest = IngestLimits()
     out |= {f"ingest.{f.name}": human(f.name, getattr(ingest, f.name)) for f in fields(IngestLimits)}
+    deployer = DeployerConfig()
+    out |= {f"deployer.{f.name}": human(f.name, getattr(deployer, f.name)) for f in fields(DeployerConfig)}
     out |= {
         "http.max_body_bytes": human("_bytes", http.DEFAULT_MAX_BODY),
         "http.io_timeout_s": human("_s", http.DEFAULT_IO_TIMEOUT_S),
@@ -46,12 +53,14 @@ def expected_limits() -> dict[str, str]:
         "http.queue": str(http.DEFAULT_QUEUE),
         "registry.event_detail_chars": str(EVENT_DETAIL_MAX_CHARS),
         "agent.event_reason_chars": str(EVENT_REASON_MAX_CHARS),
+        "agent.disk_factor": str(DISK_FACTOR),
+        "agent.finished_keep": str(FINISHED_KEEP),
+        "serving.max_history": str(DEFAULT_MAX_HISTORY),
+        "mqtt.session_expiry_s": human("_s", SESSION_EXPIRY_S),
     }
     agent = AgentConfig()
     out |= {f"agent.{n}": human(n, getattr(agent, n))
             for n in ("quota_bytes", "outbox_max_bytes", "chunk_stall_s", "verdict_timeout_s")}
-    deployer = DeployerConfig()
-    out |= {"deployer.max_resends": str(deployer.max_resends), "deployer.deadline_s": human("_s", deployer.deadline_s)}
     conf = (REPO / "deploy" / "mosquitto" / "mosquitto.conf").read_text()
     for key in ("max_packet_size", "max_queued_messages", "max_queued_bytes", "max_inflight_messages"):
         value = int(re.search(rf"^{key}\s+(\d+)", conf, re.MULTILINE).group(1))
