@@ -145,19 +145,44 @@ def raw_link(broker_url: str, **kw: Any) -> Iterator[MqttLink]:
         link.stop()
 
 
+def prove_subscribed(link: MqttLink, probe_topic: str, received: threading.Event, what: str,
+                     timeout: float = 20.0) -> None:
+    """Publish probes on `probe_topic` (which the link's subscription matches) until one comes back.
+
+    A SUBSCRIBE is not in force until the broker has processed it; a fixed sleep can be too short on a
+    loaded machine, and then a "nothing arrived" assertion passes without anything having listened."""
+    deadline = time.monotonic() + timeout
+    while True:
+        link.publish(probe_topic, b"probe")
+        if received.wait(0.5):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: no probe on {probe_topic} came back within {timeout:.0f} s")
+
+
 class EventTap:
     """Every event one device publishes, with the time it arrived (a plain, non-shared subscription, so
-    the server's per-device rate limit does not hide what the agent said)."""
+    the server's per-device rate limit does not hide what the agent said).
+
+    It subscribes to `topic/#` (which matches `topic` itself) and proves the subscription with a probe
+    on a sub-topic that neither the server (`.../up/+`) nor any agent subscribes to."""
 
     def __init__(self, broker_url: str, topic: str) -> None:
         self.events: list[tuple[float, Event]] = []
         self._lock = threading.Lock()
+        self._topic = topic
+        self._probe = f"{topic}/probe-{uuid.uuid4().hex[:8]}"
+        self._probed = threading.Event()
         self.link = MqttLink(broker_url, f"tap-{uuid.uuid4().hex[:8]}", clean_start=True)
         self.link.start()
-        self.link.subscribe(topic, self._on)
-        time.sleep(0.3)  # let the SUBSCRIBE land
+        self.link.subscribe(f"{topic}/#", self._on)
+        prove_subscribed(self.link, self._probe, self._probed, f"event tap on {topic}")
 
-    def _on(self, _topic: str, payload: bytes) -> None:
+    def _on(self, topic: str, payload: bytes) -> None:
+        if topic != self._topic:
+            if topic == self._probe:
+                self._probed.set()
+            return
         with self._lock:
             self.events.append((time.time(), Event.from_json(payload)))
 

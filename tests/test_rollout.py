@@ -14,10 +14,12 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from attack_support import prove_subscribed
 from test_agent_support import TINY_MEASURE
 
 from agent.config import AgentConfig
@@ -120,19 +122,29 @@ def fleet(tmp_path: Path, mosquitto, topic_prefix: str) -> Iterator[tuple[Fleet,
 
 
 class ManifestSniffer:
-    """Records every manifest the broker delivers to any device under the prefix: (time, device)."""
+    """Records every manifest the broker delivers to any device under the prefix: (time, device).
+
+    Its subscription is proven in force (a probe manifest topic of a device nobody plays comes back)
+    before it returns, so "no manifest after the kill" cannot pass because the sniffer was not listening."""
 
     def __init__(self, broker_url: str, prefix: str) -> None:
         self.seen: list[tuple[float, str]] = []
         self._lock = threading.Lock()
+        self._probe_device = f"sniff-probe-{uuid.uuid4().hex[:6]}"
+        self._probed = threading.Event()
         self.link = MqttLink(broker_url, f"sniff-{prefix}", clean_start=True)
         self.link.start()
         self.link.subscribe(f"{prefix}/dev/+/down/manifest", self._on)
-        time.sleep(0.3)  # let the SUBSCRIBE land before anything is sent
+        prove_subscribed(self.link, f"{prefix}/dev/{self._probe_device}/down/manifest", self._probed,
+                         "manifest sniffer")
 
     def _on(self, topic: str, _payload: bytes) -> None:
+        device = topic.split("/")[-3]
+        if device == self._probe_device:
+            self._probed.set()
+            return
         with self._lock:
-            self.seen.append((time.time(), topic.split("/")[-3]))
+            self.seen.append((time.time(), device))
 
     def devices_since(self, since: float) -> list[str]:
         with self._lock:
