@@ -15,7 +15,7 @@ import hashlib
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +69,30 @@ class Sniffer:
     def topics(self) -> set[str]:
         with self._lock:
             return {t for t, _ in self.got}
+
+    def has(self, topic: str, payload: bytes) -> bool:
+        with self._lock:
+            return (topic, payload) in self.got
+
+
+def prove_listening(sniffer: Sniffer, server: EdgeGuideServer, own_down: str, what: str,
+                    timeout: float = 20.0) -> None:
+    """The server account publishes on the listener's own down topic (which the ACL lets it read) until
+    the listener has it: its subscriptions are in force, so "it received nothing of the victim's" means
+    something."""
+    probe = f"probe-{uuid.uuid4().hex[:8]}".encode()
+    deadline = time.monotonic() + timeout
+    while not sniffer.has(own_down, probe):
+        assert time.monotonic() < deadline, f"{what} never received its own {own_down} within {timeout:.0f} s"
+        server.link.publish(own_down, probe)
+        wait_until_or_none(lambda: sniffer.has(own_down, probe), 0.5)
+
+
+def wait_until_or_none(cond: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return cond()
 
 
 @dataclass
@@ -145,6 +169,7 @@ def test_tls_listener_refuses_forgeries_while_a_real_deployment_runs(site: Site)
     spy.start()
     sniffer = Sniffer(spy, [t.device_down_filter("dev-b"), f"{t.prefix}/dev/+/down/#", f"{t.prefix}/dev/+/up/#"])
     try:
+        prove_listening(sniffer, site.server, t.down("dev-a", "command"), "dev-a's spy")
         as_a = ("-u", "dev-a", "-P", PASSWORDS["dev-a"])
         forged = forged_manifest("dev-b", site.v2.packed_path.read_bytes())
         fake_report = Report(device_id="dev-b", deployment_id="d-0123456789ab", model_id="evil", version=1,
@@ -192,6 +217,7 @@ def test_mutual_tls_listener_refuses_forgeries_while_a_real_deployment_runs(site
     spy.start()
     sniffer = Sniffer(spy, [t.device_down_filter(dev), f"{t.prefix}/#"])
     try:
+        prove_listening(sniffer, site.server, t.down("dev-a", "command"), "dev-a's certificate spy")
         forged = forged_manifest(dev, site.v2.packed_path.read_bytes())
         for topic, payload in ((t.down(dev, "manifest"), forged.to_json()),
                                (t.up(dev, "report"), b'{"device_id": "%s"}' % dev.encode())):
@@ -242,23 +268,27 @@ def test_client_id_takeover_neither_stops_the_agent_nor_leaks_its_messages(site:
     worker = threading.Thread(target=deploy, daemon=True)
     worker.start()
     wait_until(lambda: any((state / "staging").iterdir()), 20, "the download to start")
-    takeovers = 0
-    for _ in range(3):
-        thief = MqttLink(tls_url(sec.tls_port), "agent-dev-b", username="dev-a", password=PASSWORDS["dev-a"],
-                         tls_ca=str(sec.ca), clean_start=False)
-        thief.subscribe(t.device_down_filter("dev-b"), lambda tp, p: stolen.append((tp, p)))
-        thief.subscribe(f"{t.prefix}/#", lambda tp, p: stolen.append((tp, p)))
-        thief.start()
-        takeovers += 1
-        thief.publish(t.up("dev-b", "report"), b'{"forged": true}')  # refused by the ACL: not dev-a's topic
-        time.sleep(0.5)
-        thief.stop()
-        time.sleep(0.3)
+    own_down = t.down("dev-a", "command")
+    for i in range(3):
+        # One takeover at a time: the agent is connected, the thief's CONNECT with its client id makes the
+        # broker drop it, and the thief proves it is listening before it leaves.
+        wait_until(lambda n=i: len(connects) >= n and agent.link.connected, 20, f"the agent back before takeover {i}")
+        thief = Sniffer(MqttLink(tls_url(sec.tls_port), "agent-dev-b", username="dev-a", password=PASSWORDS["dev-a"],
+                                 tls_ca=str(sec.ca), clean_start=False),
+                        [t.device_down_filter("dev-b"), f"{t.prefix}/#"])
+        thief.link.start()
+        try:
+            prove_listening(thief, site.server, own_down, f"thief {i}")
+            thief.link.publish(t.up("dev-b", "report"), b'{"forged": true}')  # refused by the ACL: not dev-a's topic
+        finally:
+            thief.link.stop()
+        stolen += [(tp, p) for tp, p in thief.got if tp != own_down]
+        wait_until(lambda n=i: len(connects) >= n + 1, 20, f"the agent to reconnect after takeover {i}")
     assert done.wait(SETTLE_S), "the deployment did not finish"
     worker.join(5)
     if "error" in result:
         raise AssertionError(f"deployment failed after the takeovers: {result['error']}") from result["error"]
-    assert takeovers == 3 and len(connects) >= 2, f"the agent was never taken over ({len(connects)} connects)"
+    assert len(connects) >= 3, f"the broker dropped the agent {len(connects)} times for 3 takeovers"
     assert pointer_version(state) == site.v2.version and agent.active_model.version == site.v2.version
     wait_until(lambda: agent.link.connected, 15, "the agent to be connected at the end")
     assert not [tp for tp, _ in stolen if "/dev/dev-b/" in tp], sorted({tp for tp, _ in stolen})
