@@ -39,6 +39,7 @@ from server.deployer import DeployerConfig
 from server.mosquitto import MosquittoBroker
 from server.registry import Registry
 from server.rollout import RolloutPlan, Stage
+from server.service import EdgeGuideServer
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 
@@ -101,6 +102,18 @@ class ThrottledRelay:
         self._server.close()
         for s in self._sockets:
             s.close()
+
+
+def _agent_round_trip(server: EdgeGuideServer, registry: Registry, device_id: str) -> None:
+    """A signed cancel of a deployment that does not exist goes down the server's connection, after
+    everything the server sent before it; the agent handles its messages in order and answers with a
+    direct `command_rejected` event. Once the registry has that, the agent has handled what came
+    before, and the events it published directly before it are recorded."""
+    marker = f"d-{uuid.uuid4().hex[:12]}"
+    server.deployer.send_command(device_id, "cancel", marker)
+    wait_until(lambda: any(e["deployment_id"] == marker
+                           for e in device_events(registry, device_id, "command_rejected")),
+               30, f"the agent's answer to marker {marker}")
 
 
 def claimed(state_dir: Path, deployment_id: str) -> set[int]:
@@ -210,7 +223,11 @@ def test_kill_between_the_pointer_switch_and_the_outcome_event(broker: Mosquitto
         wait_until(lambda: registry.device(device_id).active_version == new.version, 15, "the registry's record")
         wait_until(lambda: dep_id in ModelStore(state).finished() and not (state / "staging" / dep_id).exists(), 10,
                    "the agent's bookkeeping")
-        time.sleep(0.5)  # the late verdict is ignored, not rejected or acted on twice
+        # The late verdict is ignored, not rejected or acted on twice: two marker round trips through the
+        # agent prove it was handled and that whatever it caused has reached the registry.
+        _agent_round_trip(server, registry, device_id)
+        wait_until(lambda: not [p for p in (state / "outbox").rglob("*") if p.is_file()], 15, "the outbox to empty")
+        _agent_round_trip(server, registry, device_id)
         assert not device_events(registry, device_id, "verdict_rejected", restarted_at)
         assert len(device_events(registry, device_id, "promoted", restarted_at)) == 1
         assert json.loads((state / "active.json").read_text())["previous"]["deployment_id"] == INCUMBENT_DEPLOYMENT

@@ -125,6 +125,17 @@ def test_undecodable_down_messages_are_clean_rejections(device: tuple[LocalAgent
     assert agent.running
 
 
+def _reset_vm_hwm(pid: int) -> float:
+    """Reset the process's peak RSS to its current RSS (Linux: "5" to clear_refs); returns the new peak.
+
+    The agent is module-scoped: without this, a peak from an earlier attack could hide the bomb's."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+    status = {line.split(":")[0]: int(line.split()[1]) / 1024
+              for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith(("VmHWM", "VmRSS"))}
+    assert status["VmHWM"] - status["VmRSS"] < 4, f"VmHWM was not reset: {status}"
+    return status["VmHWM"]
+
+
 def _vm_hwm_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -154,7 +165,7 @@ def test_a_gzip_bomb_is_refused_with_bounded_memory(device: tuple[LocalAgent, Se
     bomb = gzip_bomb(tiny_artifact)
     assert len(bomb) < 2 * MIB
     pid = agent.proc.pid
-    before = _vm_hwm_mib(pid)
+    before = _reset_vm_hwm(pid)
     mark = peer.mark()
     manifest = peer.deploy(bomb, version=8, model_id="bomb", chunk_size=65536)
     report = peer.wait_for("report", lambda r: r["deployment_id"] == manifest.deployment_id, timeout=120, start=mark)
