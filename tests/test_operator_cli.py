@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import pytest
 from test_agent_support import new_keypair
@@ -126,13 +129,36 @@ def test_listings_versions_and_mistakes_without_a_broker(tmp_path: Path, tiny_ar
     follow = subprocess.Popen([sys.executable, "-m", "server", "logs", "-f", "--json", "--limit", "1", "--data-dir",
                                str(cli.data_dir)], cwd=REPO, stdout=subprocess.PIPE, text=True,
                               env={**os.environ, "PYTHONPATH": str(REPO)})
+    lines = _line_reader(follow.stdout)
     try:
-        assert json.loads(follow.stdout.readline())["kind"] == events[-1]["kind"]
+        assert json.loads(_next_line(lines, 30, "logs -f printing the last event"))["kind"] == events[-1]["kind"]
         cli.json("register", str(tiny_artifact), "--model-id", "later")
-        assert json.loads(follow.stdout.readline())["kind"] == "registered"
+        assert json.loads(_next_line(lines, 30, "logs -f printing the new registration"))["kind"] == "registered"
     finally:
         follow.terminate()
         follow.wait(10)
+
+
+def _line_reader(stream: IO[str]) -> queue.Queue[str | None]:
+    """Lines of `stream` read by a daemon thread (None at EOF), so a test can wait for one with a deadline."""
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:
+        for line in stream:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    return lines
+
+
+def _next_line(lines: queue.Queue[str | None], timeout: float, what: str) -> str:
+    try:
+        line = lines.get(timeout=timeout)
+    except queue.Empty:
+        raise AssertionError(f"no line within {timeout:.0f} s waiting for {what}") from None
+    assert line is not None, f"the output ended waiting for {what}"
+    return line
 
 
 @pytest.fixture

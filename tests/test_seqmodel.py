@@ -93,12 +93,18 @@ def test_histories_longer_than_the_window_keep_the_newest_items(slice_data) -> N
 
 
 def test_early_stopping_restores_the_best_validation_epoch(slice_data) -> None:
-    config = TrainConfig(architecture="fpmc", epochs=3, batch_size=512, lr=5e-2, window=8, fpmc_dim=8,
+    """A learning rate that overfits 150 customers within a few epochs, a cap far above that and
+    patience 1: training must stop one epoch after the best, well before the cap, and hand back the
+    best epoch's weights (not the last, worse ones)."""
+    cap = 20
+    config = TrainConfig(architecture="fpmc", epochs=cap, batch_size=512, lr=5e-2, window=8, fpmc_dim=8,
                          patience=1)
     model, history = train_reference(slice_data, config, progress=False)
+    ran = len(history["val_ndcg10"])
     best = int(np.argmax(history["val_ndcg10"]))
-    assert history["best_epoch"] == best + 1
-    assert len(history["val_ndcg10"]) <= best + 2  # stopped one epoch after the best
+    assert ran < cap, f"no early stop: all {cap} epochs ran ({history['val_ndcg10']})"
+    assert history["best_epoch"] == best + 1 and ran == best + 2, history["val_ndcg10"]  # one epoch after the best
+    assert history["val_ndcg10"][-1] < history["val_ndcg10"][best]  # the last epoch was worse: restoring matters
     assert evaluate_keras(model, slice_data, "val")["ndcg10"] == pytest.approx(history["val_ndcg10"][best])
 
 
