@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from attack_support import wait_until
 
 from protocol.messages import DeviceState, Event, Heartbeat, Report
 from protocol.mqtt import MqttLink
@@ -32,13 +33,7 @@ SECRET = "S3cret-Broker-Pw"
 
 
 def _until(condition: Callable[[], object], timeout: float = 15.0, what: str = "condition") -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
+    return wait_until(condition, timeout, what)
 
 
 def _server(data: Path, mosquitto, prefix: str, limits: object = None) -> EdgeGuideServer:

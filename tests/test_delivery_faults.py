@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from attack_support import wait_until
 
 from protocol import artifact, chunking, signing
 from protocol.messages import Manifest
@@ -292,17 +293,6 @@ def clean_rig(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
     rig.net.reset()
     rig.stop_devices()
-
-
-def wait_until(cond: Callable[[], object], timeout: float, what: str, poll_s: float = 0.01) -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(poll_s)
 
 
 def assert_outcome(rig: Rig, dev: Device, deployment_id: str, old: ArtifactRecord | None,
