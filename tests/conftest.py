@@ -15,6 +15,7 @@ import pytest
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from protocol.mqtt import MqttLink  # noqa: E402
 from server.db import open_database  # noqa: E402
 from server.mosquitto import MosquittoBroker, free_port  # noqa: E402
 from server.registry import Registry  # noqa: E402
@@ -55,6 +56,15 @@ def tiny_artifact_int8(tiny_artifacts: dict[str, Path]) -> Path:
 def topic_prefix() -> str:
     """A topic prefix unique to one test, so tests sharing the broker never see each other."""
     return f"eg-test-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def device_link(mosquitto, topic_prefix: str) -> Iterator[MqttLink]:
+    """A raw MQTT client standing where a device would (no agent: these tests speak the protocol by hand)."""
+    link = MqttLink(mosquitto.url, f"dev-{topic_prefix}", clean_start=True)
+    link.start()
+    yield link
+    link.stop()
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ device back within `offline_grace_s` (an agent restart, a reboot) keeps its depl
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -93,14 +92,6 @@ def test_the_grace_counts_from_the_deployment_when_the_device_was_already_offlin
 def test_offline_grace_must_be_positive() -> None:
     with pytest.raises(ValueError, match="offline_grace_s must be > 0"):
         DeployerConfig(offline_grace_s=0)
-
-
-@pytest.fixture
-def device_link(mosquitto, topic_prefix: str) -> Iterator[MqttLink]:
-    link = MqttLink(mosquitto.url, f"dev-{topic_prefix}", clean_start=True)
-    link.start()
-    yield link
-    link.stop()
 
 
 @pytest.mark.network

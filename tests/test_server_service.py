@@ -46,15 +46,6 @@ def server(request: pytest.FixtureRequest, tmp_path: Path, mosquitto, topic_pref
     srv.stop()
 
 
-@pytest.fixture
-def device_link(mosquitto, topic_prefix: str) -> Iterator[MqttLink]:
-    """A raw MQTT client standing where a device would (no agent: these tests speak the protocol by hand)."""
-    link = MqttLink(mosquitto.url, f"dev-{topic_prefix}", clean_start=True)
-    link.start()
-    yield link
-    link.stop()
-
-
 def test_state_and_heartbeat_are_recorded(server: EdgeGuideServer, device_link: MqttLink) -> None:
     topics = server.topics
     state = DeviceState(device_id="pi-7", status="online", active_model_id="m", active_version=4,
