@@ -88,10 +88,14 @@ class Recorder:
 
 
 def start_server(registry: Registry, broker_url: str, prefix: str, *, deployer_config: DeployerConfig | None = None,
-                 **config: Any) -> tuple[EdgeGuideServer, Recorder]:
-    """A started server whose down traffic goes through a Recorder."""
+                 client_id: str | None = None, **config: Any) -> tuple[EdgeGuideServer, Recorder]:
+    """A started server whose down traffic goes through a Recorder.
+
+    A restart must pass the stopped server's `client_id`, as `serve` does: its persistent session stays in
+    the broker's $share group, and messages the broker hands to that session wait for that client id."""
     server = EdgeGuideServer(registry, ServerConfig(broker_url=broker_url, topic_prefix=prefix,
-                                                    client_id=f"srv-{uuid.uuid4().hex[:8]}", tick_s=0.2, **config),
+                                                    client_id=client_id or f"srv-{uuid.uuid4().hex[:8]}", tick_s=0.2,
+                                                    **config),
                              policy=POLICY, deployer_config=deployer_config)
     recorder = Recorder(server.deployer.publish)
     server.deployer.publish = recorder  # type: ignore[method-assign]

@@ -138,7 +138,8 @@ def test_report_for_a_terminal_deployment_changes_nothing_on_postgres(pg_site: P
     pg_site.fence("pg-e")
     _unchanged(ended, pg_site.registry.deployment(dep.deployment_id))
     pg_site.server.stop()
-    restarted, recorder = start_server(pg_site.registry, mosquitto.url, topic_prefix)
+    restarted, recorder = start_server(pg_site.registry, mosquitto.url, topic_prefix,
+                                       client_id=pg_site.server.config.client_id)
     try:
         pg_site.up("pg-e", "report", pg_site.report(ended).to_json())
         pg_site.fence("pg-e")
