@@ -182,6 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
                 "state change at INFO. Stops on Ctrl-C/SIGTERM.")
     _mqtt_options(p)
     _deploy_options(p)
+    p.add_argument("--http", metavar="HOST:PORT", help="also serve the web dashboard here, e.g. 127.0.0.1:8080")
+    p.add_argument("--http-token-file", type=Path, metavar="FILE",
+                   help="file holding the dashboard operator token (default: $EDGEGUIDE_HTTP_TOKEN; neither: "
+                        "the dashboard is read-only)")
+    p.add_argument("--http-search", type=Path, action="append", default=[], metavar="PATH",
+                   help="compression search output (folder with search.json) for the Models page (repeatable)")
 
     p = command("register", "copy an exported artifact folder into the registry (new version)",
                 "Validate an artifact folder (model.tflite, items.json, metrics.json, golden.json), copy it into "
@@ -347,7 +353,23 @@ def cmd_serve(args: argparse.Namespace, data_dir: Path) -> int:
         stop["flag"] = True
 
     signal.signal(signal.SIGTERM, on_signal)
+    token = None
+    if args.http:
+        from server.web import parse_http, read_token
+
+        parse_http(args.http)
+        token = read_token(args.http_token_file)
     server.start()
+    dashboard = None
+    try:
+        if args.http:
+            from server.web import start_dashboard
+
+            dashboard = start_dashboard(server, args.http, token=token, search_paths=args.http_search)
+            print(f"dashboard on {dashboard.url} ({'operator token set' if token else 'read-only'})", flush=True)
+    except BaseException:
+        server.stop()
+        raise
     print(f"edgeguide-server serving on {redact_url(server.config.broker_url)} (prefix {server.topics.prefix!r}, "
           f"data {data_dir}); Ctrl-C to stop", flush=True)
     try:
@@ -356,6 +378,8 @@ def cmd_serve(args: argparse.Namespace, data_dir: Path) -> int:
     except KeyboardInterrupt:
         pass
     finally:
+        if dashboard is not None:
+            dashboard.stop()
         server.stop()
     return EXIT_OK
 

@@ -230,6 +230,27 @@ class RolloutManager:
     def rollouts(self) -> list[RolloutRecord]:
         return [self.get(r["rollout_id"]) for r in self.db.query("SELECT rollout_id FROM rollouts ORDER BY created")]
 
+    def abort(self, rollout_id: str, reason: str) -> RolloutRecord:
+        """Stop a running rollout now (an operator's call): no later stage starts, the current stage's
+        devices not started yet are skipped, its deployments in progress are cancelled, and the next
+        ticks tell its promoted devices to roll back, as when the stage fails past the threshold."""
+        rollout = self.get(rollout_id)
+        if rollout.status != RUNNING:
+            raise RolloutError(f"rollout {rollout_id} is {rollout.status}, not running: nothing to abort")
+        self._set_status(rollout, ROLLING_BACK, rollout.stage, f"aborted: {reason}", from_status=RUNNING)
+        self.db.execute("UPDATE rollout_devices SET outcome = ?, detail = ? WHERE rollout_id = ? AND stage = ?"
+                        " AND deployment_id IS NULL AND outcome IS NULL",
+                        (SKIPPED, "not started: the rollout was aborted", rollout_id, rollout.stage))
+        for member in self.get(rollout_id).devices.values():
+            dep_id = member["deployment_id"]
+            if member["stage"] != rollout.stage or member["outcome"] is not None or dep_id in (None, _CLAIM):
+                continue
+            try:
+                self.deployer.cancel(dep_id, notify=True)
+            except (DeployError, RegistryError) as exc:  # it ended meanwhile: its outcome is collected as usual
+                _LOGGER.info("rollout %s abort: %s", rollout_id, exc)
+        return self.get(rollout_id)
+
     # ---- progress --------------------------------------------------------------------------
     def tick(self) -> None:
         """Advance every unfinished rollout by one step (called from the server's worker thread)."""
