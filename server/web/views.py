@@ -259,8 +259,12 @@ def rollout_stages(rollout: Any) -> list[StageView]:
         members = [rollout.devices[d] for d in stage.devices if d in rollout.devices]
         failed = sum(1 for m in members if m.get("outcome") == "failed")
         pct = 100.0 * failed / len(members) if members else 0.0
-        state = "done" if index < rollout.stage or (index == rollout.stage and rollout.finished) else (
-            "current" if index == rollout.stage else "waiting")
+        if index < rollout.stage or (index == rollout.stage and rollout.finished):
+            state = "done"
+        elif index == rollout.stage:
+            state = "current"
+        else:
+            state = "not started" if rollout.finished else "waiting"
         stages.append(StageView(index, stage.name, members, failed, pct, state))
     return stages
 
@@ -298,6 +302,17 @@ def search_files(paths: list[Path]) -> list[Path]:
     return found
 
 
+def size_ndcg_frontier(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The 2-D staircase of the best NDCG@10 reachable at each size (as the search's own pareto.png draws)."""
+    stair: list[dict[str, Any]] = []
+    best = -math.inf
+    for point in sorted(points, key=lambda p: (p["kib"], -p["ndcg10"])):
+        if point["ndcg10"] > best:
+            stair.append({"name": point["name"], "kib": point["kib"], "ndcg10": point["ndcg10"]})
+            best = point["ndcg10"]
+    return stair
+
+
 def load_search(path: Path) -> dict[str, Any]:
     """The chart data of one search.json: variants, frontier, reference, best and baselines.
 
@@ -329,7 +344,7 @@ def load_search(path: Path) -> dict[str, Any]:
         if _number(best.get("tflite_bytes")) and _number(best.get("ndcg10")) is not None else None
     floor = _number(result.get("floor"))
     return {"file": str(path), "run": result.get("run") or path.parent.name, "reference": ref_point,
-            "variants": variants, "baselines": baselines, "best": best_point,
+            "variants": variants, "frontier": size_ndcg_frontier(variants), "baselines": baselines, "best": best_point,
             "floor_ndcg": floor * ref["ndcg10"] if floor is not None else None}
 
 

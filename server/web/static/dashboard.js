@@ -30,11 +30,11 @@
     function pts(rows) { return rows.map(function (r) { return { x: r.kib, y: r.ndcg10, name: r.name }; }); }
     var front = s.variants.filter(function (v) { return v.front; });
     var others = s.variants.filter(function (v) { return !v.front; });
-    var frontier = pts(front).sort(function (a, b) { return a.x - b.x; });
     var xs = s.variants.map(function (v) { return v.kib; }).concat([s.reference.kib]);
     var minX = Math.min.apply(null, xs) / 2, maxX = Math.max.apply(null, xs) * 2;
     var datasets = [
-      { label: "Pareto frontier", data: frontier, showLine: true, borderColor: "#2f5bd3", backgroundColor: "#2f5bd3", pointRadius: 5 },
+      { label: "size/NDCG frontier", data: pts(s.frontier), showLine: true, stepped: "after", borderColor: "rgba(47,91,211,0.45)", backgroundColor: "rgba(47,91,211,0.45)", pointRadius: 0 },
+      { label: "Pareto set (search)", data: pts(front), backgroundColor: "#2f5bd3", pointRadius: 5 },
       { label: "other variants", data: pts(others), backgroundColor: "#98a2b3", pointRadius: 4 },
       { label: "float32 reference", data: pts([s.reference]), backgroundColor: "#c4320a", pointStyle: "star", pointRadius: 12, borderColor: "#c4320a" }
     ];
