@@ -126,6 +126,7 @@ def create_app(registry: Registry, server: Any = None, config: DashboardConfig |
             request=request, operator=session is not None, csrf=session.csrf if session else "",
             can_act=actions is not None and sessions.enabled, login_possible=sessions.enabled,
             flash=flash, poll_ms=int(config.poll_s * 1000), path=request.url.path,
+            charts=name in ("deployment.html", "models.html"),
             qs=str(request.url.query), **context)
         return HTMLResponse(html, status_code=status, headers={"Cache-Control": "no-store"})
 
@@ -294,6 +295,8 @@ def create_app(registry: Registry, server: Any = None, config: DashboardConfig |
         response = await call_next(request)
         for key, value in SECURITY_HEADERS.items():
             response.headers.setdefault(key, value)
+        if request.url.path.startswith("/static/"):  # versioned with the package: no revalidation per page
+            response.headers["Cache-Control"] = "public, max-age=3600"
         return response
 
     from starlette.middleware.base import BaseHTTPMiddleware
