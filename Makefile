@@ -8,7 +8,7 @@ STAMP := $(VENV)/.edgeguide-installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup demo demo-full test hil hil-full hil-arm64 hil-arm64-full lint bench clean system-deps-base \
+.PHONY: setup demo demo-full dashboard test hil hil-full hil-arm64 hil-arm64-full lint bench clean system-deps-base \
 	system-deps-test system-deps-arm64
 
 setup: $(STAMP)
@@ -27,6 +27,11 @@ demo: setup
 
 demo-full: setup
 	$(VENV)/bin/edgeguide-server demo --full $(ARGS)
+
+# The demo's loop with three local agents, then the web dashboard on http://127.0.0.1:8080/ until Ctrl-C
+# (docs/dashboard.md); ARGS="--http HOST:PORT --devices N --search runs/search" change it.
+dashboard: setup
+	$(PY) -m server.web.demo $(ARGS)
 
 test: system-deps-test setup
 	$(PY) -m pytest tests hil_tests -p hil_tests.plugin --hil-quick $(PYTEST_ARGS)
@@ -54,6 +59,7 @@ bench: setup
 	$(PY) bench/transfer.py --json reports/bench/transfer.json
 	$(PY) bench/fleet.py --json reports/bench/fleet.json
 	$(PY) bench/serving.py --json reports/bench/serving.json
+	$(PY) bench/dashboard.py --json reports/bench/dashboard.json
 
 clean:
 	rm -rf .cache reports build *.egg-info

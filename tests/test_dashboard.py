@@ -10,8 +10,15 @@ token and from another origin. Screenshots go to reports/dashboard/.
 from __future__ import annotations
 
 import os
+import queue
 import shutil
+import signal
+import subprocess
+import sys
+import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -369,6 +376,47 @@ def test_logout_ends_the_session(fleet: Fleet, operator_page: Any) -> None:
     pg.click("header form[action='/logout'] button")
     assert pg.inner_text("#operator-badge") == "read-only"
     assert pg.request.post(f"{fleet.url}/actions/rollback", form={"device": "shop-a"}).status == 403
+
+
+# ---- the command line --------------------------------------------------------------------------
+def test_serve_http_serves_the_dashboard_and_refuses_a_short_token(mosquitto, tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "EDGEGUIDE_HTTP_TOKEN": ""}
+    base = [sys.executable, "-m", "server", "--data-dir", str(tmp_path / "data"), "serve", "--broker", mosquitto.url,
+            "--topic-prefix", f"eg-dash-cli-{uuid.uuid4().hex[:8]}", "--client-id", f"cli-{uuid.uuid4().hex[:8]}"]
+    short = tmp_path / "short-token"
+    short.write_text("abc\n")
+    done = subprocess.run([*base, "--http", "127.0.0.1:0", "--http-token-file", str(short)], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2 and "at least 16 characters" in done.stderr, done.stderr
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    proc = subprocess.Popen([*base, "--http", "127.0.0.1:0", "--http-token-file", str(token_file)], env=env,
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    try:
+        url = None
+        deadline = time.monotonic() + 60
+        while url is None and time.monotonic() < deadline:
+            try:
+                line = lines.get(timeout=1)
+            except queue.Empty:
+                continue
+            if line.startswith("dashboard on "):
+                assert "operator token set" in line and TOKEN not in line
+                url = line.split()[2]
+        assert url, "serve --http never printed the dashboard URL"
+        with urllib.request.urlopen(url + "fleet", timeout=10) as response:
+            body = response.read().decode()
+            assert response.status == 200 and "default-src 'self'" in response.headers["Content-Security-Policy"]
+        assert "<h1>Fleet</h1>" in body and TOKEN not in body
+        with pytest.raises(urllib.error.HTTPError) as refused:  # another Host: a DNS rebinding page is refused
+            urllib.request.urlopen(urllib.request.Request(url + "fleet", headers={"Host": "evil.example"}),
+                                   timeout=10)
+        assert refused.value.code == 400
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
 
 
 # Last: it locks 127.0.0.1 out of logging in for a minute.
