@@ -368,6 +368,26 @@ def test_operator_starts_a_rollout_and_aborts_it(fleet: Fleet, operator_page: An
     assert "(not started)" in pg.locator(".stage[data-stage='wave-1'] h3").inner_text()
     assert fleet.registry.deployment(rollout.devices["shop-c"]["deployment_id"]).status == "cancelled"
     _shot(pg, "rollout-aborted")
+    assert pg.locator("#abort-form").count() == 0  # nothing left to abort
+    csrf = pg.locator("header form[action='/logout'] input[name=csrf]").input_value()
+    again = pg.request.post(f"{fleet.url}/actions/abort", form={"rollout": rollout_id, "csrf": csrf})
+    assert f"refused: rollout {rollout_id} is aborted, not running" in again.text()
+
+
+def test_operator_cancels_a_deployment_in_progress(fleet: Fleet, operator_page: Any) -> None:
+    pg = operator_page
+    # shop-c is offline: a deployment to it waits for the device, and can be cancelled.
+    pg.goto(f"{fleet.url}/devices/shop-c")
+    pg.fill("#device-deploy-form input[name=model]", fleet.int8_art.id)
+    pg.click("#device-deploy-form button")
+    dep_id = pg.inner_text("#flash").split()[1].rstrip(":")
+    pg.goto(f"{fleet.url}/deployments/{dep_id}")
+    assert pg.inner_text("#deployment-status") in ("pending", "transferring")
+    pg.click("#cancel-form button")
+    assert pg.inner_text("#flash") == f"deployment {dep_id} cancelled; shop-c keeps its current model"
+    expect(pg.locator("#deployment-status")).to_have_text("cancelled")
+    assert fleet.registry.deployment(dep_id).status == "cancelled"
+    assert any(e["kind"] == "operator:cancel" for e in fleet.registry.events(deployment_id=dep_id))
 
 
 def test_logout_ends_the_session(fleet: Fleet, operator_page: Any) -> None:

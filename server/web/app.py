@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -60,7 +60,6 @@ class DashboardConfig:
     fleet_cache_s: float = 1.0
     allowed_hosts: tuple[str, ...] = ("*",)
     secure_cookie: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _when(ts: float | None) -> str:
