@@ -73,6 +73,35 @@ class BrokerAddress:
         return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
 
 
+class Publication:
+    """One queued message: wait for the broker's acknowledgement without touching paho's types.
+
+    QoS 0 counts as published once written to the socket; QoS 1 once the PUBACK arrived.
+    """
+
+    __slots__ = ("_info",)
+
+    def __init__(self, info: paho.MQTTMessageInfo) -> None:
+        self._info = info
+
+    @property
+    def published(self) -> bool:
+        return bool(self._info.is_published())
+
+    def wait(self, timeout: float) -> bool:
+        """Block up to `timeout` s for the acknowledgement; True once published.
+
+        False (never an exception) when it did not arrive in time or the message cannot be sent
+        any more (the client's queue refused it or the link is stopping).
+        """
+        try:
+            self._info.wait_for_publish(timeout)
+        except (RuntimeError, ValueError) as exc:
+            _LOGGER.debug("publish not confirmed (mid=%s): %s", self._info.mid, exc)
+            return False
+        return self.published
+
+
 def _strip_share(topic_filter: str) -> str:
     """The filter a shared subscription matches against ($share/GROUP/filter -> filter)."""
     if topic_filter.startswith("$share/"):
@@ -170,7 +199,7 @@ class MqttLink:
         self._connecting = True
         props = None
         if v5:
-            props = Properties(PacketTypes.CONNECT)
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = 0 if self._clean_start else SESSION_EXPIRY_S
         try:
             if v5:
@@ -239,12 +268,15 @@ class MqttLink:
 
         return unsubscribe
 
-    def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False) -> paho.MQTTMessageInfo:
-        """Queue a message; QoS 1 messages are resent by paho after a reconnect."""
+    def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False) -> Publication:
+        """Queue a message; QoS 1 messages are resent by paho after a reconnect.
+
+        Raises ConnectError once the link is stopped; `Publication.wait` tells whether it arrived.
+        """
         client = self._client
         if client is None:
             raise ConnectError(str(self.address), "link is stopped")
-        return client.publish(topic, payload, qos=qos, retain=retain)
+        return Publication(client.publish(topic, payload, qos=qos, retain=retain))
 
     # -- paho callbacks (network thread) -----------------------------------------------------
     def _on_connect(self, client: paho.Client, _userdata: object, _flags: object, reason: object,
@@ -289,7 +321,7 @@ class MqttLink:
             routes = [h for f, (h, _q) in self._subs.items() if paho.topic_matches_sub(_strip_share(f), msg.topic)]
         for handler in routes:
             try:
-                handler(msg.topic, msg.payload)
+                handler(msg.topic, msg.payload)  # type: ignore[arg-type]  # paho hands bytes to on_message
             except Exception:
                 _LOGGER.exception("exception in %s when handling msg on %r: %r",
                                   getattr(handler, "__name__", handler), msg.topic, msg.payload[:200])
