@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import threading
 import time
@@ -33,7 +32,8 @@ from protocol.messages import Command, Event, Manifest, Report, Verdict
 from protocol.topics import Topics
 from server import gate, reports
 from server.policy import Policy
-from server.registry import ACTIVE, ArtifactRecord, DeploymentRecord, DeviceRecord, Registry, RegistryError
+from server.registry import ArtifactRecord, DeploymentRecord, DeviceRecord, Registry, RegistryError
+from server.registry.records import allowed_sources
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -182,12 +182,10 @@ class Deployer:
     # ---- transfer --------------------------------------------------------------------------
     def start(self, deployment_id: str) -> bool:
         """Claim a pending deployment and send its signed manifest; False if another process claimed it."""
-        if self.registry.db.execute(
-                "UPDATE deployments SET status = 'transferring', updated = ? WHERE deployment_id = ?"
-                " AND status = 'pending'", (time.time(), deployment_id)) != 1:
+        record = self.registry.transition(deployment_id, ("pending",), "transferring")
+        if record is None:
             return False
-        self._send_manifest(self.registry.deployment(deployment_id))
-        self.registry.log_event("status:transferring", deployment_id=deployment_id)
+        self._send_manifest(record)
         return True
 
     def prepare(self, artifact: ArtifactRecord, chunk_size: int) -> Prepared:
@@ -449,27 +447,14 @@ class Deployer:
     def _transition(self, dep: DeploymentRecord, status: str, from_statuses: Iterable[str], reason: str, *,
                     report: dict | None = None, verdict: dict | None = None) -> bool:
         """Move to `status` only from one of `from_statuses` (atomic; a racing process loses)."""
-        olds = tuple(from_statuses)
-        sets = ["status = ?", "reason = ?", "updated = ?"]
-        params: list[Any] = [status, reason, time.time()]
-        if report is not None:
-            sets.append("report = ?")
-            params.append(_json_text(report))
-        if verdict is not None:
-            sets.append("verdict = ?")
-            params.append(_json_text(verdict))
-        sql = (f"UPDATE deployments SET {', '.join(sets)} WHERE deployment_id = ? AND status IN "
-               f"({', '.join('?' for _ in olds)})")
-        changed = self.registry.db.execute(sql, [*params, dep.deployment_id, *olds]) == 1
+        changed = self.registry.transition(dep.deployment_id, from_statuses, status, reason=reason, report=report,
+                                           verdict=verdict) is not None
         if changed:
-            self.registry.log_event(f"status:{status}", device_id=dep.device_id, deployment_id=dep.deployment_id,
-                                    detail=reason)
             _LOGGER.info("deployment %s: %s -> %s %s", dep.deployment_id, dep.status, status, reason)
         return changed
 
     def _finish(self, dep: DeploymentRecord, status: str, reason: str) -> bool:
-        allowed = ACTIVE if status not in {"promoted", "rolled_back"} else ACTIVE | {"timeout"}
-        changed = self._transition(dep, status, sorted(allowed), reason)
+        changed = self._transition(dep, status, allowed_sources(status), reason)
         if changed and dep.report is not None:
             self._write_report(dep.deployment_id)  # the files show the final status
         return changed
@@ -492,10 +477,9 @@ class Deployer:
         return self.registry.deployment(deployment_id)
 
     def _tell_cancelled(self) -> None:
-        for row in self.registry.db.query("SELECT deployment_id, device_id FROM deployments WHERE status = ?"
-                                          " AND reason = ?", ("cancelled", CANCEL_PENDING)):
-            self.send_command(row["device_id"], "cancel", row["deployment_id"])
-            self.registry.update_deployment(row["deployment_id"], reason=CANCELLED)
+        for dep in self.registry.deployments(status="cancelled", reason=CANCEL_PENDING):
+            self.send_command(dep.device_id, "cancel", dep.deployment_id)
+            self.registry.update_deployment(dep.deployment_id, reason=CANCELLED)
 
     # ---- periodic work ---------------------------------------------------------------------
     def tick(self, now: float | None = None) -> None:
@@ -532,10 +516,6 @@ class Deployer:
                 self._send_manifest(dep)
             elif dep.status in {"passed", "failed"} and dep.verdict is not None:
                 self._publish_verdict(dep, Verdict.from_dict(dep.verdict))
-
-
-def _json_text(obj: dict) -> str:
-    return json.dumps(obj, sort_keys=True, allow_nan=False)
 
 
 def _iso(ts: float) -> str:
