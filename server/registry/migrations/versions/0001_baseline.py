@@ -70,7 +70,7 @@ def upgrade() -> None:
     op.create_index("deployments_status", "deployments", ["status"], if_not_exists=True)
     op.create_table(
         "events",
-        sa.Column("id", _SERIAL, primary_key=True, autoincrement=True),
+        sa.Column("id", _SERIAL, primary_key=True, autoincrement=True, nullable=True),
         sa.Column("ts", _REAL, nullable=False),
         sa.Column("device_id", sa.Text()),
         sa.Column("deployment_id", sa.Text()),
