@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from agent.config import ENV_PREFIX, ConfigError, load_config
+from protocol.files import atomic_write_json
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -199,10 +200,8 @@ def _exit_fatal(agent) -> int:  # noqa: ANN001 - Agent, imported lazily
 def _write_ready_file(agent, path: Path, stop: threading.Event) -> None:  # noqa: ANN001
     while not stop.is_set():
         if agent.ready.wait(0.5):
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(json.dumps({"pid": os.getpid(), "http_port": agent.http_port,
-                                       "device_id": agent.device_id}))
-            os.replace(tmp, path)
+            atomic_write_json(path, {"pid": os.getpid(), "http_port": agent.http_port,
+                                     "device_id": agent.device_id}, indent=None, sort_keys=False)
             return
 
 

@@ -9,9 +9,7 @@ from agent.serving while all of this happens.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import queue
 import threading
 import time
@@ -40,7 +38,9 @@ from agent.runtime import ModelLoadError, RuntimeInfo, detect_runtime
 from agent.store import ModelStore, SlotRef, StoreError
 from agent.transfer import Admission, ChunkRejected, ManifestRejected, Receiver, check_manifest
 from protocol import chunking, signing
+from protocol.backoff import Backoff
 from protocol.errors import ProtocolError, SignatureError
+from protocol.jsonsafe import dumps_compact
 from protocol.limits import DEFAULT_LIMITS
 from protocol.messages import Command, DeviceState, Event, Heartbeat, Report, Verdict
 from protocol.mqtt import ConnectError, MqttLink
@@ -176,9 +176,8 @@ class Agent:
                 self.deployment.receiver.close()
         if self.link.connected:
             try:
-                info = self.link.publish(self.topics.up(self.device_id, "state"), self._state("offline").to_json(),
-                                         qos=1, retain=True)
-                info.wait_for_publish(3.0)
+                self.link.publish(self.topics.up(self.device_id, "state"), self._state("offline").to_json(),
+                                  qos=1, retain=True).wait(3.0)
             except (ConnectError, RuntimeError, ValueError) as exc:
                 _LOGGER.warning("offline_state_not_sent error=%s", exc)
         self.link.stop()
@@ -259,7 +258,7 @@ class Agent:
         which declares the agent fatal: a process that stays up but never connects is invisible to
         its supervisor.
         """
-        delay = 1.0
+        retries = Backoff(1.0, 60.0)
         while not self._stop.is_set():
             try:
                 self.link.start(timeout=10)
@@ -270,10 +269,10 @@ class Agent:
                     _LOGGER.error("broker_refused_credentials broker=%s reason=%s: not retrying",
                                   redact_url(self.config.broker_url), exc.reason)
                     return
+                delay = retries.next()
                 _LOGGER.warning("broker_unreachable broker=%s error=%s retry_in_s=%.0f",
                                 redact_url(self.config.broker_url), exc, delay)
                 self._stop.wait(delay)
-                delay = min(60.0, delay * 2)
 
     # -- MQTT plumbing ------------------------------------------------------------------------
     def _on_message(self, topic: str, payload: bytes) -> None:
@@ -292,9 +291,7 @@ class Agent:
         if not self.link.connected:
             return False
         try:
-            info = self.link.publish(topic, payload, qos=1)
-            info.wait_for_publish(10.0)
-            return info.is_published()
+            return self.link.publish(topic, payload, qos=1).wait(10.0)
         except (ConnectError, RuntimeError, ValueError) as exc:
             _LOGGER.info("outbox_send_failed topic=%s error=%s", topic, exc)
             return False
@@ -713,18 +710,6 @@ class Agent:
             self._publish("heartbeat", beat.to_json())
 
 
-def _finite(obj: Any) -> Any:
-    """Replace NaN/inf (not valid JSON) by None: an unavailable figure, never a made-up one."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    if hasattr(obj, "tolist") and callable(obj.tolist):  # numpy scalars and arrays
-        return _finite(obj.tolist())
-    return obj
-
-
 def _encode_report(report: Report) -> bytes:
-    return json.dumps(_finite(report.to_dict()), separators=(",", ":"), allow_nan=False).encode()
+    """NaN/inf figures become None (not valid JSON): an unavailable figure, never a made-up one."""
+    return dumps_compact(report.to_dict())

@@ -8,13 +8,13 @@ server de-duplicates by deployment id. The queue is bounded: when full, the olde
 from __future__ import annotations
 
 import logging
-import random
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from agent.store import atomic_write
+from protocol.backoff import Backoff
+from protocol.files import atomic_write
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -119,9 +119,11 @@ class OutboxFlusher:
             self._thread.join(timeout)
 
     def _run(self) -> None:
-        backoff = self.min_backoff_s
+        # The first retry waits twice the minimum; an emptied outbox starts over from the minimum.
+        retries = Backoff(min(self.max_backoff_s, self.min_backoff_s * 2), self.max_backoff_s, jitter=0.2)
+        wait_s = self.min_backoff_s
         while not self._stop.is_set():
-            self._kick.wait(backoff if self.outbox.pending() else None)
+            self._kick.wait(wait_s if self.outbox.pending() else None)
             self._kick.clear()
             if self._stop.is_set() or not self.outbox.pending():
                 continue
@@ -132,8 +134,9 @@ class OutboxFlusher:
             except Exception:
                 _LOGGER.exception("outbox_flush_failed")
             if self.outbox.pending():
-                backoff = min(self.max_backoff_s, backoff * 2) * random.uniform(0.8, 1.2)
-                _LOGGER.info("outbox_retry in_s=%.1f left=%d", backoff, len(self.outbox.pending()))
+                wait_s = retries.next()
+                _LOGGER.info("outbox_retry in_s=%.1f left=%d", wait_s, len(self.outbox.pending()))
             else:
-                backoff = self.min_backoff_s
+                retries.reset()
+                wait_s = self.min_backoff_s
 

@@ -29,6 +29,7 @@ from typing import Any
 
 from protocol import artifact, names
 from protocol.errors import ProtocolError
+from protocol.files import atomic_write, atomic_write_json, fsync_dir
 from protocol.messages import Manifest
 
 _LOGGER = logging.getLogger(__name__)
@@ -51,41 +52,6 @@ class StoreError(RuntimeError):
     def __init__(self, message: str, kind: str = "io") -> None:
         super().__init__(message)
         self.kind = kind
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or create inside `path` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
-    """Replace `path` with `data` so readers see either the old or the new file, never a mix.
-
-    `durable=False` skips both fsyncs: the replacement survives a killed process (the page cache
-    does) but maybe not a power cut, which may also leave the file empty. Only for files whose
-    reader copes with that, like the staging bitmap.
-    """
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            if durable:
-                fh.flush()
-                os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    if durable:
-        fsync_dir(path.parent)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True).encode())
 
 
 def _disk_error(exc: OSError, what: str) -> StoreError:

@@ -19,15 +19,12 @@ from protocol import names, signing
 from protocol.errors import ProtocolError
 from protocol.limits import DEFAULT_LIMITS
 from protocol.schema import Reader, canonical_json, decode_object, encode
+from protocol.states import CommandName, DeviceStatus, ErrorKind, EventType, MeasureMode, VerdictOutcome, wire_values
 
-EVENT_TYPES = frozenset({
-    "manifest_accepted", "manifest_rejected", "need_chunks", "chunk_rejected", "download_complete",
-    "verify_failed", "load_failed", "measuring", "promoted", "rolled_back", "verdict_rejected",
-    "command_rejected", "error",
-})
-ERROR_KINDS = frozenset({"op_version", "load_error", "verify_error", "timeout", "disk_full", "measure_error"})
-VERDICTS = frozenset({"PASS", "FAIL"})
-COMMANDS = frozenset({"report_state", "rollback", "cancel"})
+EVENT_TYPES: frozenset[str] = wire_values(EventType)
+ERROR_KINDS: frozenset[str] = wire_values(ErrorKind)
+VERDICTS: frozenset[str] = wire_values(VerdictOutcome)
+COMMANDS: frozenset[str] = wire_values(CommandName)
 
 
 def utc_now() -> str:
@@ -220,7 +217,7 @@ class DeviceState(_Message):
         mid = r.str("active_model_id", required=False)
         return cls(
             device_id=names.device_id(r.str("device_id")),
-            status=r.str("status", choices=frozenset({"online", "offline"})),
+            status=r.str("status", choices=wire_values(DeviceStatus)),
             active_model_id=names.model_id(mid) if mid is not None else None,
             active_version=r.int("active_version", required=False),
             runtime=r.dict("runtime", required=False),
@@ -314,7 +311,7 @@ class Report(_Message):
             load_ok=r.bool("load_ok"),
             error_kind=r.str("error_kind", required=False, choices=ERROR_KINDS),
             error=r.str("error", required=False),
-            mode=r.str("mode", required=False, choices=frozenset({"quick", "full"})),
+            mode=r.str("mode", required=False, choices=wire_values(MeasureMode)),
             runtime=r.dict("runtime", required=False),
             model_bytes=r.int("model_bytes", required=False),
             latency_ms=r.dict("latency_ms", required=False),

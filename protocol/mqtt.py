@@ -73,6 +73,35 @@ class BrokerAddress:
         return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
 
 
+class Publication:
+    """One queued message: wait for the broker's acknowledgement without touching paho's types.
+
+    QoS 0 counts as published once written to the socket; QoS 1 once the PUBACK arrived.
+    """
+
+    __slots__ = ("_info",)
+
+    def __init__(self, info: paho.MQTTMessageInfo) -> None:
+        self._info = info
+
+    @property
+    def published(self) -> bool:
+        return bool(self._info.is_published())
+
+    def wait(self, timeout: float) -> bool:
+        """Block up to `timeout` s for the acknowledgement; True once published.
+
+        False (never an exception) when it did not arrive in time or the message cannot be sent
+        any more (the client's queue refused it or the link is stopping).
+        """
+        try:
+            self._info.wait_for_publish(timeout)
+        except (RuntimeError, ValueError) as exc:
+            _LOGGER.debug("publish not confirmed (mid=%s): %s", self._info.mid, exc)
+            return False
+        return self.published
+
+
 def _strip_share(topic_filter: str) -> str:
     """The filter a shared subscription matches against ($share/GROUP/filter -> filter)."""
     if topic_filter.startswith("$share/"):
@@ -239,12 +268,15 @@ class MqttLink:
 
         return unsubscribe
 
-    def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False) -> paho.MQTTMessageInfo:
-        """Queue a message; QoS 1 messages are resent by paho after a reconnect."""
+    def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False) -> Publication:
+        """Queue a message; QoS 1 messages are resent by paho after a reconnect.
+
+        Raises ConnectError once the link is stopped; `Publication.wait` tells whether it arrived.
+        """
         client = self._client
         if client is None:
             raise ConnectError(str(self.address), "link is stopped")
-        return client.publish(topic, payload, qos=qos, retain=retain)
+        return Publication(client.publish(topic, payload, qos=qos, retain=retain))
 
     # -- paho callbacks (network thread) -----------------------------------------------------
     def _on_connect(self, client: paho.Client, _userdata: object, _flags: object, reason: object,

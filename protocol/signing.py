@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from protocol.errors import SignatureError
+from protocol.files import atomic_write
 
 
 def generate_private_key() -> Ed25519PrivateKey:
@@ -78,9 +79,7 @@ def ensure_keypair(private_path: Path, public_path: Path) -> Ed25519PrivateKey:
     key = load_private_key(private_path)
     pem = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     if not public_path.exists() or public_path.read_bytes() != pem:
-        tmp = public_path.with_name(f".{public_path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-        tmp.write_bytes(pem)
-        os.replace(tmp, public_path)
+        atomic_write(public_path, pem)
     return key
 
 

@@ -325,9 +325,7 @@ def test_outbox_delivers_after_the_broker_comes_back(tmp_path: Path) -> None:
     box = Outbox(tmp_path / "outbox", max_bytes=1 << 20)
 
     def send(t: str, payload: bytes) -> bool:
-        info = sender.publish(t, payload, qos=1)
-        info.wait_for_publish(5)
-        return info.is_published()
+        return sender.publish(t, payload, qos=1).wait(5)
 
     flusher = OutboxFlusher(box, send, lambda: sender.connected, min_backoff_s=0.2, max_backoff_s=1.0)
     sender.add_connect_listener(flusher.kick)

@@ -201,7 +201,7 @@ class ServerPeer:
         return manifest.signed(key if isinstance(key, Ed25519PrivateKey) else self.key)
 
     def send_manifest(self, manifest: Manifest) -> None:
-        self.link.publish(self.topics.down(self.device_id, "manifest"), manifest.to_json()).wait_for_publish(5)
+        self.link.publish(self.topics.down(self.device_id, "manifest"), manifest.to_json()).wait(5)
 
     def deploy(self, blob: bytes, **kwargs: Any) -> Manifest:
         manifest = self.make_manifest(blob, **kwargs)
@@ -220,7 +220,7 @@ class ServerPeer:
             self.link.publish(self.topics.down(self.device_id, "chunk"), frame)
 
     def send_raw_chunk(self, frame: bytes) -> None:
-        self.link.publish(self.topics.down(self.device_id, "chunk"), frame).wait_for_publish(5)
+        self.link.publish(self.topics.down(self.device_id, "chunk"), frame).wait(5)
 
     def send_verdict(self, manifest: Manifest, verdict: str = "PASS", *, key: Ed25519PrivateKey | None | bool = None,
                      deployment_id: str | None = None, reason: str = "") -> Verdict:
@@ -228,12 +228,12 @@ class ServerPeer:
                     model_id=manifest.model_id, version=manifest.version, verdict=verdict, reason=reason)
         if key is not False:
             v = v.signed(key if isinstance(key, Ed25519PrivateKey) else self.key)
-        self.link.publish(self.topics.down(self.device_id, "verdict"), v.to_json()).wait_for_publish(5)
+        self.link.publish(self.topics.down(self.device_id, "verdict"), v.to_json()).wait(5)
         return v
 
     def send_command(self, command: str, deployment_id: str | None = None) -> None:
         c = Command(device_id=self.device_id, command=command, deployment_id=deployment_id).signed(self.key)
-        self.link.publish(self.topics.down(self.device_id, "command"), c.to_json()).wait_for_publish(5)
+        self.link.publish(self.topics.down(self.device_id, "command"), c.to_json()).wait(5)
 
 
 def new_keypair(tmp: Path) -> tuple[Ed25519PrivateKey, Path]:

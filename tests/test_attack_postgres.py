@@ -34,7 +34,7 @@ class PgSite:
     record: ArtifactRecord
 
     def up(self, device_id: str, kind: str, payload: bytes) -> None:
-        self.device.publish(self.server.topics.up(device_id, kind), payload).wait_for_publish(5)
+        self.device.publish(self.server.topics.up(device_id, kind), payload).wait(5)
 
     def deploy(self, device_id: str) -> DeploymentRecord:
         dep = self.server.deploy(self.record.model_id, device_id, version=self.record.version, force=True)

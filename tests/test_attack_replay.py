@@ -102,7 +102,7 @@ def test_replayed_rollback_command_after_a_later_promotion_changes_nothing(stand
     dep3 = stand.deploy(v3)  # pointer: v3, previous v1
     replayed_at = time.time()
     with raw_link(mosquitto.url) as attacker:
-        attacker.publish(stand.server.topics.down(stand.device_id, "command"), captured).wait_for_publish(5)
+        attacker.publish(stand.server.topics.down(stand.device_id, "command"), captured).wait(5)
     answered = wait_until(
         lambda: device_events(stand.registry, stand.device_id, "command_rejected", replayed_at)
         or device_events(stand.registry, stand.device_id, "rolled_back", replayed_at), 15, "the agent's answer")
@@ -137,7 +137,7 @@ def test_replayed_manifest_after_the_finished_memory_rolls_over_is_refused(stand
             server_side.publish(topics.down(stand.device_id, "manifest"), m.to_json())
             flood.append(dep_id)
         cancel = Command(device_id=stand.device_id, command="cancel", deployment_id=flood[-1]).signed(key)
-        server_side.publish(topics.down(stand.device_id, "command"), cancel.to_json()).wait_for_publish(5)
+        server_side.publish(topics.down(stand.device_id, "command"), cancel.to_json()).wait(5)
     finished = wait_until(lambda: (f := stand.agent.store.finished()) and f[-1] == flood[-1] and f, 30,
                           "the flood to finish")
     assert dep2 not in finished and len(finished) <= FINISHED_KEEP, len(finished)  # rolled over, bounded
@@ -147,7 +147,7 @@ def test_replayed_manifest_after_the_finished_memory_rolls_over_is_refused(stand
     with raw_link(mosquitto.url) as attacker:
         infos = [attacker.publish(topics.down(stand.device_id, "manifest"), manifest)]
         infos += [attacker.publish(topics.down(stand.device_id, "chunk"), frame) for frame in chunks]
-        infos[-1].wait_for_publish(5)
+        infos[-1].wait(5)
 
     try:
         wait_until(lambda: tap.of(dep2, "manifest_rejected", replayed_at) or tap.of(dep2, "manifest_accepted",

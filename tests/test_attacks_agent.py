@@ -81,7 +81,7 @@ def device(mosquitto, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tupl
 
 
 def _publish(peer: ServerPeer, kind: str, payload: bytes) -> None:
-    peer.link.publish(peer.topics.down(peer.device_id, kind), payload).wait_for_publish(10)
+    peer.link.publish(peer.topics.down(peer.device_id, kind), payload).wait(10)
 
 
 def _nested(total: int) -> bytes:

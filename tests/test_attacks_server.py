@@ -50,7 +50,7 @@ def _server(data: Path, mosquitto, prefix: str, limits: object = None) -> EdgeGu
         while server.registry.find_device(f"probe-{prefix}") is None:
             assert time.monotonic() < deadline, "the server never received a message after start()"
             probe.publish(server.topics.up(f"probe-{prefix}", "heartbeat"),
-                          Heartbeat(device_id=f"probe-{prefix}", uptime_s=1.0).to_json()).wait_for_publish(5)
+                          Heartbeat(device_id=f"probe-{prefix}", uptime_s=1.0).to_json()).wait(5)
             time.sleep(0.2)
     finally:
         probe.stop()
@@ -69,7 +69,7 @@ def _drain(server: EdgeGuideServer, device: MqttLink, tag: str) -> None:
     """Wait until the server's worker handled everything `device` sent so far (same connection: in order)."""
     marker = float(int(time.time() * 1000) % 10**6) + 0.5
     device.publish(server.topics.up(f"marker-{tag}", "heartbeat"),
-                   Heartbeat(device_id=f"marker-{tag}", uptime_s=marker).to_json()).wait_for_publish(5)
+                   Heartbeat(device_id=f"marker-{tag}", uptime_s=marker).to_json()).wait(5)
     _until(lambda: (d := server.registry.find_device(f"marker-{tag}")) is not None and d.uptime_s == marker,
            60, "the server to catch up")
 
@@ -85,19 +85,19 @@ def test_a_report_for_a_finished_deployment_changes_nothing_also_after_a_restart
     try:
         artifact = server.registry.register(tiny_artifact)
         state = DeviceState(device_id="pi-x", status="online", runtime={"name": "ai-edge-litert", "version": "2.3.0"})
-        device.publish(topics.up("pi-x", "state"), state.to_json()).wait_for_publish(5)
+        device.publish(topics.up("pi-x", "state"), state.to_json()).wait(5)
         _until(lambda: server.registry.find_device("pi-x"), what="the device")
         dep = server.deploy(artifact.model_id, "pi-x")
         rejected = Event(device_id="pi-x", type="manifest_rejected", deployment_id=dep.deployment_id,
                          reason="bad signature")
-        device.publish(topics.up("pi-x", "event"), rejected.to_json()).wait_for_publish(5)
+        device.publish(topics.up("pi-x", "event"), rejected.to_json()).wait(5)
         _until(lambda: server.registry.deployment(dep.deployment_id).status == "rejected", what="rejected")
         before = server.registry.deployment(dep.deployment_id)
         forged = Report(device_id="pi-x", deployment_id=dep.deployment_id, model_id=artifact.model_id,
                         version=artifact.version, load_ok=True, mode="quick",
                         latency_ms={"p50": 0.1, "p90": 0.1, "p99": 0.1}, memory={"peak_rss_mb": 1.0},
                         model_bytes=1000, quality={"agreement_top10": 1.0})
-        device.publish(topics.up("pi-x", "report"), forged.to_json()).wait_for_publish(5)
+        device.publish(topics.up("pi-x", "report"), forged.to_json()).wait(5)
         _drain(server, device, topic_prefix)
         after = server.registry.deployment(dep.deployment_id)
         assert (after.status, after.verdict, after.report, after.reason) == \
@@ -109,7 +109,7 @@ def test_a_report_for_a_finished_deployment_changes_nothing_also_after_a_restart
     # A restarted server resumes what is recorded, and a replayed report still changes nothing.
     server = _server(data, mosquitto, topic_prefix)
     try:
-        device.publish(topics.up("pi-x", "report"), forged.to_json()).wait_for_publish(5)
+        device.publish(topics.up("pi-x", "report"), forged.to_json()).wait(5)
         _drain(server, device, topic_prefix + "-2")
         after = server.registry.deployment(dep.deployment_id)
         assert (after.status, after.verdict, after.report) == ("rejected", None, None), after
@@ -153,9 +153,9 @@ def test_an_event_flood_is_rate_limited_bounded_in_size_and_pruned(tmp_path: Pat
         # A fresh device (its own budget): what one state or heartbeat can store is bounded too.
         big_state = DeviceState(device_id="pi-big", status="online", agent_version="1",
                                 runtime={"name": "r", "version": "1", "junk": "y" * 200_000})
-        device.publish(server.topics.up("pi-big", "state"), big_state.to_json()).wait_for_publish(5)
+        device.publish(server.topics.up("pi-big", "state"), big_state.to_json()).wait(5)
         beat = Heartbeat(device_id="pi-big", uptime_s=1.0, last_error="e" * 4000)
-        device.publish(server.topics.up("pi-big", "heartbeat"), beat.to_json()).wait_for_publish(5)
+        device.publish(server.topics.up("pi-big", "heartbeat"), beat.to_json()).wait(5)
         record = _until(lambda: (d := server.registry.find_device("pi-big")) is not None and d.last_error and d,
                         what="pi-big's heartbeat")
         assert len(json.dumps(record.runtime)) <= limits.max_runtime_chars, len(json.dumps(record.runtime))
@@ -202,7 +202,7 @@ def test_undecodable_payloads_are_malformed_not_tracebacks(tmp_path: Path, mosqu
     try:
         kinds = ["event", "report", "report", "state"]
         for kind, payload in zip(kinds, UNDECODABLE.values(), strict=True):
-            device.publish(server.topics.up("pi-m", kind), payload).wait_for_publish(5)
+            device.publish(server.topics.up("pi-m", kind), payload).wait(5)
         _drain(server, device, topic_prefix)
         kinds_logged = [e["kind"] for e in server.registry.events(limit=1000)]
         assert "handler_error" not in kinds_logged, [e["detail"] for e in server.registry.events(limit=1000)
@@ -223,14 +223,14 @@ def test_a_report_with_a_huge_integer_figure_is_malformed_not_a_gate_crash(
     try:
         artifact = server.registry.register(tiny_artifact)
         state = DeviceState(device_id="pi-g", status="online", runtime={"name": "ai-edge-litert", "version": "2.3.0"})
-        device.publish(server.topics.up("pi-g", "state"), state.to_json()).wait_for_publish(5)
+        device.publish(server.topics.up("pi-g", "state"), state.to_json()).wait(5)
         _until(lambda: server.registry.find_device("pi-g"), what="the device")
         dep = server.deploy(artifact.model_id, "pi-g")
         _until(lambda: server.registry.deployment(dep.deployment_id).status == "transferring", what="transferring")
         body = Report(device_id="pi-g", deployment_id=dep.deployment_id, model_id=artifact.model_id,
                       version=artifact.version, load_ok=True, latency_ms={"p90": 1.0}).to_dict()
         payload = json.dumps(body).replace('"p90": 1.0', '"p90": ' + "9" * 4000).encode()
-        device.publish(server.topics.up("pi-g", "report"), payload).wait_for_publish(5)
+        device.publish(server.topics.up("pi-g", "report"), payload).wait(5)
         _drain(server, device, topic_prefix)
         kinds = [e["kind"] for e in server.registry.events(limit=1000)]
         assert "handler_error" not in kinds, [e["detail"][:200] for e in server.registry.events(limit=1000)

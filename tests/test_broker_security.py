@@ -166,7 +166,7 @@ def server_view(secure: SecureBroker) -> Iterator[Collector]:
     assert link.is_v5
     link.subscribe(f"$share/edgeguide-servers/{secure.topics.prefix}/dev/+/up/#", got)
     link.subscribe(f"{secure.topics.prefix}/dev/+/down/#", got)
-    link.publish(secure.topics.down("probe", "command"), b"subscribed").wait_for_publish(WAIT_S)
+    link.publish(secure.topics.down("probe", "command"), b"subscribed").wait(WAIT_S)
     assert got.wait_for(lambda m: any(t.endswith("/probe/down/command") for t, _ in m)), "server sees nothing"
     yield got
     link.stop()
@@ -282,13 +282,13 @@ def test_device_cannot_read_another_devices_topics(secure: SecureBroker) -> None
     server = server_link(secure)
     try:
         for _ in range(40):  # probe dev-a's own command topic until the sniffer's SUBSCRIBE is live
-            server.publish(t.down("dev-a", "command"), b"probe").wait_for_publish(WAIT_S)
+            server.publish(t.down("dev-a", "command"), b"probe").wait(WAIT_S)
             if sniffer.lines.wait_for(lambda m: len(m) > 0, timeout=0.25):
                 break
         assert sniffer.seen(), "mosquitto_sub as dev-a never received its own command"
         for topic in (t.down("dev-b", "manifest"), t.down("dev-b", "chunk"), t.up("dev-b", "report")):
-            server.publish(topic, b"for-b-only").wait_for_publish(WAIT_S)
-        server.publish(t.down("dev-a", "command"), b"for-a").wait_for_publish(WAIT_S)
+            server.publish(topic, b"for-b-only").wait(WAIT_S)
+        server.publish(t.down("dev-a", "command"), b"for-a").wait(WAIT_S)
         # Same publisher connection, so had any for-b-only message been delivered it would precede this.
         assert sniffer.lines.wait_for(lambda m: any(x.endswith(" for-a") for x, _ in m)), sniffer.seen()
     finally:
@@ -311,13 +311,13 @@ def test_own_device_receives_its_down_messages(secure: SecureBroker) -> None:
         kinds = ("manifest", "chunk", "verdict", "command")
         deadline_ok = False
         for _ in range(20):  # the SUBSCRIBE may still be in flight: retry until the first one lands
-            server.publish(t.down("dev-b", "command"), b"ping").wait_for_publish(WAIT_S)
+            server.publish(t.down("dev-b", "command"), b"ping").wait(WAIT_S)
             if got.wait_for(lambda m: len(m) > 0, timeout=0.25):
                 deadline_ok = True
                 break
         assert deadline_ok, "dev-b never received its own command"
         for kind in kinds:
-            server.publish(t.down("dev-b", kind), kind.encode()).wait_for_publish(WAIT_S)
+            server.publish(t.down("dev-b", kind), kind.encode()).wait(WAIT_S)
         assert got.wait_for(lambda m: all((t.down("dev-b", k), k.encode()) in m for k in kinds)), got.messages
     finally:
         server.stop()
@@ -335,10 +335,10 @@ def test_reusing_another_devices_client_id_reads_nothing(secure: SecureBroker) -
     assert "Timed out" in created.stderr, created.stderr  # the session exists, its owner is offline
     server = server_link(secure)
     try:
-        server.publish(t.down("dev-b", "chunk"), b"queued-1").wait_for_publish(WAIT_S)
+        server.publish(t.down("dev-b", "chunk"), b"queued-1").wait(WAIT_S)
         control = _run([*as_b, "-W", "3", "-C", "1"])
         assert f"{t.down('dev-b', 'chunk')} queued-1" in control.stdout, control  # queuing works for the owner
-        server.publish(t.down("dev-b", "chunk"), b"queued-2").wait_for_publish(WAIT_S)
+        server.publish(t.down("dev-b", "chunk"), b"queued-2").wait(WAIT_S)
     finally:
         server.stop()
     thief = _run([*base, "-u", "dev-a", "-P", PASSWORDS["dev-a"], "-W", "2"])
@@ -361,7 +361,7 @@ def test_last_will_on_another_devices_topic_is_accepted_then_dropped(secure: Sec
                  "--will-topic", t.up(owner, "state"), "--will-payload", payload, "--will-qos", "1"],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
             for _ in range(40):  # connected and subscribed: it receives its own command topic
-                server.publish(t.down("dev-a", "command"), f"ping-{owner}".encode()).wait_for_publish(WAIT_S)
+                server.publish(t.down("dev-a", "command"), f"ping-{owner}".encode()).wait(WAIT_S)
                 if sub.lines.wait_for(lambda m: len(m) > 0, timeout=0.25):
                     break
             assert sub.proc.poll() is None, f"the CONNECT with a will on {owner}'s topic was refused"
@@ -413,7 +413,7 @@ def test_tls_listener_works_with_the_test_ca(secure: SecureBroker, server_view: 
     link.start()
     try:
         assert link.is_v5
-        link.publish(topic, b"mqttlink-over-tls").wait_for_publish(WAIT_S)
+        link.publish(topic, b"mqttlink-over-tls").wait(WAIT_S)
     finally:
         link.stop()
     assert server_view.wait_for(lambda m: {(topic, b"over-tls"), (topic, b"mqttlink-over-tls")} <= set(m))
@@ -479,10 +479,10 @@ def test_max_packet_size_passes_chunk_frames_and_stops_oversized_packets(secure:
         default = chunking.encode_chunk("d-0123456789ab", 0, 2, os.urandom(DEFAULT_LIMITS.default_chunk_bytes))
         largest = chunking.encode_chunk("d-0123456789ab", 1, 2, os.urandom(DEFAULT_LIMITS.max_chunk_bytes))
         for _ in range(20):  # until the device's SUBSCRIBE is live
-            server.publish(t.down("dev-b", "chunk"), default).wait_for_publish(WAIT_S)
+            server.publish(t.down("dev-b", "chunk"), default).wait(WAIT_S)
             if got.wait_for(lambda m: len(m) > 0, timeout=0.25):
                 break
-        server.publish(t.down("dev-b", "chunk"), largest).wait_for_publish(WAIT_S)
+        server.publish(t.down("dev-b", "chunk"), largest).wait(WAIT_S)
         assert got.wait_for(lambda m: any(p == largest for _, p in m)), "the largest allowed chunk did not pass"
         assert chunking.decode_chunk(got.messages[0][1]).data == default[chunking.HEADER_BYTES:]
         # MQTT 3.1.1 clients are not told the limit: the broker must drop the packet and the client.
@@ -491,7 +491,7 @@ def test_max_packet_size_passes_chunk_frames_and_stops_oversized_packets(secure:
         res = _run(["mosquitto_pub", "-V", "mqttv311", "-h", "127.0.0.1", "-p", str(secure.port), "-u", SERVER_USER,
                     "-P", PASSWORDS[SERVER_USER], "-q", "1", "-t", t.down("dev-b", "chunk"), "-f", str(big)])
         assert res.returncode != 0, res
-        server.publish(t.down("dev-b", "chunk"), b"after").wait_for_publish(WAIT_S)
+        server.publish(t.down("dev-b", "chunk"), b"after").wait(WAIT_S)
         assert got.wait_for(lambda m: (t.down("dev-b", "chunk"), b"after") in m)
         assert max(len(p) for _, p in got.messages) == len(largest)
     finally:

@@ -491,11 +491,11 @@ def test_forged_and_replayed_manifests_never_change_the_model(rig: Rig) -> None:
                       chunk_sha256=chunking.digests(blob, CHUNK)).signed(signing.generate_private_key())
     with attacker(rig) as mallory:
         down = rig.topics.down(dev.device_id, "manifest")
-        mallory.publish(down, forged.to_json()).wait_for_publish(5)
+        mallory.publish(down, forged.to_json()).wait(5)
         for i, piece in enumerate(chunking.split(blob, CHUNK)):  # chunks of the forged model, just in case
             mallory.publish(rig.topics.down(dev.device_id, "chunk"),
                             chunking.encode_chunk(forged_id, i, forged.chunk_count, piece))
-        mallory.publish(down, genuine).wait_for_publish(5)  # replay of the deployment just finished
+        mallory.publish(down, genuine).wait(5)  # replay of the deployment just finished
     reasons = wait_until(lambda: (r := [e["detail"] for e in rig.registry.events(device_id=dev.device_id)
                                         if e["kind"] == "device:manifest_rejected"]) and len(r) >= 2 and r, 20,
                          "both rejections")

@@ -105,18 +105,18 @@ def test_the_server_fails_a_measuring_deployment_soon_after_the_devices_last_wil
     topics = server.topics
     try:
         online = DeviceState(device_id="pi-23", status="online", runtime=RUNTIME)
-        device_link.publish(topics.up("pi-23", "state"), online.to_json(), retain=True).wait_for_publish(5)
+        device_link.publish(topics.up("pi-23", "state"), online.to_json(), retain=True).wait(5)
         record = server.registry.register(tiny_artifact)
         dep = server.deploy(record.model_id, "pi-23", wait_seen_s=10.0)
         event = Event(device_id="pi-23", type="download_complete", deployment_id=dep.deployment_id)
-        device_link.publish(topics.up("pi-23", "event"), event.to_json()).wait_for_publish(5)
+        device_link.publish(topics.up("pi-23", "event"), event.to_json()).wait(5)
         deadline = time.monotonic() + 10
         while server.registry.deployment(dep.deployment_id).status != "measuring":
             assert time.monotonic() < deadline, server.registry.deployment(dep.deployment_id)
             time.sleep(0.05)
         started = time.monotonic()
         offline = DeviceState(device_id="pi-23", status="offline")  # the agent's Last Will payload
-        device_link.publish(topics.up("pi-23", "state"), offline.to_json(), retain=True).wait_for_publish(5)
+        device_link.publish(topics.up("pi-23", "state"), offline.to_json(), retain=True).wait(5)
         final = server.wait(dep.deployment_id, timeout=15)
         took = time.monotonic() - started
         assert final.status == "timeout" and final.reason.startswith("device_offline: pi-23"), final

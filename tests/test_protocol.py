@@ -213,8 +213,8 @@ def test_mqtt_link_routes_survives_bad_handler_and_resubscribes(mosquitto, topic
         sub.subscribe(f"{topic_prefix}/ok", record)
         sub.subscribe(f"{topic_prefix}/bad", explode)
         time.sleep(0.2)
-        pub.publish(f"{topic_prefix}/bad", b"boom").wait_for_publish(5)
-        pub.publish(f"{topic_prefix}/ok", b"after").wait_for_publish(5)
+        pub.publish(f"{topic_prefix}/bad", b"boom").wait(5)
+        pub.publish(f"{topic_prefix}/ok", b"after").wait(5)
         assert arrived.wait(5), "the network loop died after a handler raised"
         mosquitto.restart()
         deadline = time.monotonic() + 20
@@ -224,7 +224,7 @@ def test_mqtt_link_routes_survives_bad_handler_and_resubscribes(mosquitto, topic
         assert _no_delay(sub) and _no_delay(pub)  # the new sockets too
         arrived.clear()
         time.sleep(0.3)
-        pub.publish(f"{topic_prefix}/ok", b"after").wait_for_publish(5)
+        pub.publish(f"{topic_prefix}/ok", b"after").wait(5)
         assert arrived.wait(5), "subscription was not restored after reconnect"
     finally:
         sub.stop()

@@ -50,7 +50,7 @@ def test_state_and_heartbeat_are_recorded(server: EdgeGuideServer, device_link: 
     topics = server.topics
     state = DeviceState(device_id="pi-7", status="online", active_model_id="m", active_version=4,
                         runtime={"name": "tflite-runtime", "version": "2.14.0"}, agent_version="0.1.0")
-    device_link.publish(topics.up("pi-7", "state"), state.to_json(), retain=True).wait_for_publish(5)
+    device_link.publish(topics.up("pi-7", "state"), state.to_json(), retain=True).wait(5)
     _until(lambda: server.registry.find_device("pi-7") is not None)
     assert server.registry.device("pi-7").runtime_key == "tflite-runtime==2.14.0"
     beat = Heartbeat(device_id="pi-7", uptime_s=33.0, active_version=4, last_error="sensor missing")
