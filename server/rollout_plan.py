@@ -14,18 +14,13 @@ from typing import Any
 
 from protocol import names
 from protocol.errors import ProtocolError
+from protocol.states import ROLLOUT_TRANSITIONS, RolloutStatus
 
 _LOGGER = logging.getLogger(__name__)
 
-RUNNING, ROLLING_BACK, ABORTED, COMPLETED = "running", "rolling_back", "aborted", "completed"
-FINISHED = frozenset({ABORTED, COMPLETED})
-# Which rollout status may follow which (RUNNING -> RUNNING is the step to the next stage).
-ROLLOUT_TRANSITIONS: dict[str, frozenset[str]] = {
-    RUNNING: frozenset({RUNNING, ROLLING_BACK, COMPLETED}),
-    ROLLING_BACK: frozenset({ABORTED}),
-    ABORTED: frozenset(),
-    COMPLETED: frozenset(),
-}
+RUNNING, ROLLING_BACK, ABORTED, COMPLETED = (RolloutStatus.RUNNING, RolloutStatus.ROLLING_BACK, RolloutStatus.ABORTED,
+                                            RolloutStatus.COMPLETED)
+FINISHED = ROLLOUT_TRANSITIONS.final()
 SKIPPED = "skipped"  # a device outcome: it already ran the version, nothing was sent
 CLAIM = "claiming"  # placeholder deployment id while one process creates the device's deployment
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from protocol import chunking, names
 from protocol.artifact import ARTIFACT_FILES, MODEL_FILE, pack_artifact, read_golden, read_items, read_metrics
 from protocol.errors import ProtocolError
+from protocol.files import atomic_write, fsync_dir
 from protocol.limits import DEFAULT_LIMITS
 from server.registry.events import EventLog
 from server.registry.records import ArtifactRecord, RegistryError, chunk_digests_path
@@ -25,13 +26,6 @@ from server.registry.records import to_json as _json
 _LOGGER = logging.getLogger(__name__)
 
 _VISIBLE = "id NOT IN (SELECT id FROM withdrawn_artifacts)"
-
-
-def _replace_file(path: Path, data: bytes) -> None:
-    """Write next to `path`, then rename over it: a crash leaves the old file or the new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 class ArtifactTables(EventLog):
@@ -70,7 +64,7 @@ class ArtifactTables(EventLog):
             dest = self.artifacts_dir / model_id / f"v{version}"
             packed_path = self.artifacts_dir / model_id / f"v{version}.tar.gz"
             self._copy_artifact(folder, dest, packed_path, packed)
-            _replace_file(chunk_digests_path(packed_path), json.dumps(chunk_digests).encode())
+            atomic_write(chunk_digests_path(packed_path), json.dumps(chunk_digests).encode())
             record = ArtifactRecord(f"{model_id}@{version}", model_id, version, dest, packed_path, digest,
                                     len(packed), metrics, time.time())
             self.db.execute(
@@ -94,7 +88,8 @@ class ArtifactTables(EventLog):
         for name in ARTIFACT_FILES:
             shutil.copy2(src / name, tmp / name)
         os.replace(tmp, dest)
-        _replace_file(packed_path, packed)
+        fsync_dir(dest.parent)
+        atomic_write(packed_path, packed)
 
     @staticmethod
     def chunk_digests(artifact: ArtifactRecord, chunk_size: int) -> list[str] | None:

@@ -60,8 +60,8 @@ class DeploymentTables(EventLog):
         where: list[str] = []
         params: list[Any] = []
         if active_only:
-            where.append(f"status IN ({', '.join('?' for _ in sorted(ACTIVE))})")
-            params.extend(sorted(ACTIVE))
+            where.append(f"status IN ({', '.join('?' for _ in ACTIVE)})")
+            params.extend(sorted(s.value for s in ACTIVE))
         for column, value in (("device_id", device_id), ("status", status), ("reason", reason)):
             if value is not None:
                 where.append(f"{column} = ?")
@@ -82,14 +82,14 @@ class DeploymentTables(EventLog):
         in an expected status (another process or message got there first). Logs `status:<new>`.
         """
         olds = check_transition(expected, status)
-        sets, params = ["status = ?", "updated = ?"], [status, time.time()]
+        sets, params = ["status = ?", "updated = ?"], [str(status), time.time()]
         for column, value in (("reason", reason), ("report", _json(report)), ("verdict", _json(verdict))):
             if value is not None:
                 sets.append(f"{column} = ?")
                 params.append(value)
         sql = (f"UPDATE deployments SET {', '.join(sets)} WHERE deployment_id = ? AND status IN "
                f"({', '.join('?' for _ in olds)})")
-        if self.db.execute(sql, [*params, deployment_id, *olds]) != 1:
+        if self.db.execute(sql, [*params, deployment_id, *(old.value for old in olds)]) != 1:
             return None
         record = self.deployment(deployment_id)
         self.log_event(f"status:{status}", device_id=record.device_id, deployment_id=deployment_id,

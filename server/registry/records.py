@@ -14,28 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from protocol.states import DEPLOYMENT_ACTIVE, DEPLOYMENT_TERMINAL, DEPLOYMENT_TRANSITIONS, DeploymentStatus
+
 _LOGGER = logging.getLogger(__name__)
 
-STATUSES = ("pending", "transferring", "measuring", "passed", "failed", "rejected", "promoted",
-            "rolled_back", "timeout", "cancelled")
-TERMINAL = frozenset({"rejected", "promoted", "rolled_back", "timeout", "cancelled"})
-ACTIVE = frozenset(STATUSES) - TERMINAL
-# Which status may follow which: the one table every status change is checked against.
-# A device may still promote or discard a candidate after the server timed the deployment out.
-TRANSITIONS: dict[str, frozenset[str]] = {
-    "pending": frozenset({"transferring", "measuring", "passed", "failed"}),
-    "transferring": frozenset({"measuring", "passed", "failed"}),
-    "measuring": frozenset({"passed", "failed"}),
-    "passed": frozenset(),
-    "failed": frozenset(),
-    "timeout": frozenset({"promoted", "rolled_back"}),
-    "rejected": frozenset(),
-    "promoted": frozenset(),
-    "rolled_back": frozenset(),
-    "cancelled": frozenset(),
-}
-for _active in ACTIVE:  # any deployment in progress can end early, or be promoted / rolled back by its device
-    TRANSITIONS[_active] = TRANSITIONS[_active] | {"rejected", "timeout", "cancelled", "promoted", "rolled_back"}
+# The vocabulary and the transition table are protocol.states'; these names are the registry's view.
+STATUSES: tuple[str, ...] = tuple(s.value for s in DeploymentStatus)
+TERMINAL: frozenset[DeploymentStatus] = DEPLOYMENT_TERMINAL
+ACTIVE: frozenset[DeploymentStatus] = DEPLOYMENT_ACTIVE
+TRANSITIONS = DEPLOYMENT_TRANSITIONS
 
 # Event details are device-supplied reasons and server messages: cut to this many characters.
 EVENT_DETAIL_MAX_CHARS = 1000
@@ -45,21 +32,26 @@ class RegistryError(Exception):
     """A registry request names something that does not exist or cannot be stored."""
 
 
-def allowed_sources(status: str) -> tuple[str, ...]:
+def deployment_status(status: str) -> DeploymentStatus:
+    """`status` as a member; RegistryError naming the known ones for anything else."""
+    try:
+        return DeploymentStatus(status)
+    except ValueError:
+        raise RegistryError(f"unknown deployment status {status!r}; expected one of {STATUSES}") from None
+
+
+def allowed_sources(status: str) -> tuple[DeploymentStatus, ...]:
     """Every status a deployment may move to `status` from (sorted, for a stable SQL statement)."""
-    if status not in STATUSES:
-        raise RegistryError(f"unknown deployment status {status!r}; expected one of {STATUSES}")
-    return tuple(sorted(old for old, news in TRANSITIONS.items() if status in news))
+    return tuple(sorted(TRANSITIONS.sources(deployment_status(status))))
 
 
-def check_transition(expected: Iterable[str], status: str) -> tuple[str, ...]:
-    """`expected` as a tuple, after checking that each may move to `status` (RegistryError if not)."""
-    olds = tuple(expected)
-    allowed = allowed_sources(status)
-    bad = [old for old in olds if old not in allowed]
-    if bad or not olds:
-        raise RegistryError(f"a deployment cannot move from {bad or 'nothing'} to {status!r}; allowed from "
-                            f"{list(allowed)}")
+def check_transition(expected: Iterable[str], status: str) -> tuple[DeploymentStatus, ...]:
+    """`expected` as a tuple, after checking each may move to `status` (TransitionError: a caller's bug)."""
+    olds = tuple(deployment_status(old) for old in expected)
+    if not olds:
+        raise RegistryError(f"a move to {status!r} needs at least one expected status")
+    for old in olds:
+        TRANSITIONS.check(old, deployment_status(status))
     return olds
 
 

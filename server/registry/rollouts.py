@@ -11,12 +11,12 @@ import logging
 import time
 from typing import Any
 
+from protocol.states import ROLLOUT_TRANSITIONS
 from server.registry.events import EventLog
 from server.registry.records import RegistryError
 from server.rollout_plan import (
     CLAIM,
     FINISHED,
-    ROLLOUT_TRANSITIONS,
     RUNNING,
     SKIPPED,
     RolloutPlan,
@@ -38,7 +38,7 @@ class RolloutTables(EventLog):
                 "INSERT INTO rollouts (rollout_id, model_id, version, plan, policy, status, stage, created, updated)"
                 " VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?)",
                 (rollout_id, model_id, version, json.dumps(plan.to_dict()),
-                 json.dumps(policy) if policy is not None else None, RUNNING, now, now))
+                 json.dumps(policy) if policy is not None else None, RUNNING.value, now, now))
             for index, stage in enumerate(plan.stages):
                 for device in stage.devices:
                     self.db.execute("INSERT INTO rollout_devices (rollout_id, device_id, stage, outcome, detail)"
@@ -64,18 +64,17 @@ class RolloutTables(EventLog):
         """Every rollout, oldest first (`unfinished_only`: those still running or rolling back)."""
         sql, params = "SELECT rollout_id FROM rollouts", []
         if unfinished_only:
-            finished = sorted(FINISHED)
+            finished = sorted(s.value for s in FINISHED)
             sql += f" WHERE status NOT IN ({', '.join('?' for _ in finished)})"
             params = finished
         return [self.rollout(r["rollout_id"]) for r in self.db.query(sql + " ORDER BY created", params)]
 
     def transition_rollout(self, rollout: RolloutRecord, status: str, stage: int, reason: str) -> bool:
         """Compare-and-set the rollout's status and stage from what `rollout` recorded; logs `rollout:<status>`."""
-        if status not in ROLLOUT_TRANSITIONS.get(rollout.status, frozenset()):
-            raise RegistryError(f"a rollout cannot move from {rollout.status!r} to {status!r}")
+        ROLLOUT_TRANSITIONS.check(rollout.status, status)  # TransitionError: a caller's bug, not a race
         if self.db.execute("UPDATE rollouts SET status = ?, stage = ?, reason = ?, updated = ? WHERE rollout_id = ?"
                            " AND status = ? AND stage = ?",
-                           (status, stage, reason, time.time(), rollout.rollout_id, rollout.status,
+                           (str(status), stage, reason, time.time(), rollout.rollout_id, str(rollout.status),
                             rollout.stage)) != 1:
             return False
         self.log_event(f"rollout:{status}", detail=f"{rollout.rollout_id} stage {stage}: {reason}")
