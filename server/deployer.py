@@ -29,7 +29,7 @@ from server.device_messages import DEVICE_ERRORS, PINNED_KEY_MISMATCH, DeviceMes
 from server.policy import Policy
 from server.registry import ArtifactRecord, DeploymentRecord, DeviceRecord, Registry
 from server.registry.records import allowed_sources
-from server.reports import ReportQueue
+from server.reports import ReportQueue, write_deployment_report
 from server.transfer import (
     DeployerConfig,
     DeployError,
@@ -77,32 +77,10 @@ class Deployer:
     # ---- creation --------------------------------------------------------------------------
     def create(self, model_id: str, device_id: str, *, version: int | None = None, policy: Policy | None = None,
                force: bool = False, chunk_size: int | None = None) -> DeploymentRecord:
-        """Record a pending deployment after checking the device and its runtime.
-
-        Raises UnknownDeviceError for a device never seen (unless `force`), and
-        IncompatibleRuntimeError (after recording a rejected deployment) when the artifact's
-        runtime check says the device cannot load it.
-        """
-        artifact = self.registry.artifact(model_id, version)
-        device = self.registry.find_device(device_id)
-        if device is None and not force:
-            known = [d.device_id for d in self.registry.devices()]
-            raise UnknownDeviceError(
-                f"device {device_id!r} has never been seen (no up/state received); known devices: "
-                f"{known or 'none'}. Start its agent first, or force the deployment.")
-        policy = policy or self.policy
-        size = chunk_size or self.config.chunk_size
-        why = runtime_incompatibility(artifact, device.runtime_key if device else None)
-        if why and not force:
-            self.registry.create_deployment(artifact, device_id, chunk_size=size, policy=policy.to_dict(),
-                                            deadline_s=self.config.deadline_s, status=_D.REJECTED,
-                                            reason=f"{ErrorKind.OP_VERSION}: {why}")
-            raise IncompatibleRuntimeError(f"refusing to deploy: {why}")
-        record = self.registry.create_deployment(artifact, device_id, chunk_size=size, policy=policy.to_dict(),
-                                                 deadline_s=self.config.deadline_s, forced=force,
-                                                 reason="forced" if force and (why or device is None) else "")
-        _LOGGER.info("deployment %s created: %s -> %s", record.deployment_id, artifact.id, device_id)
-        return record
+        """Record a pending deployment (see `record_deployment`) with this deployer's defaults."""
+        return record_deployment(self.registry, model_id, device_id, version=version, policy=policy or self.policy,
+                                 force=force, chunk_size=chunk_size or self.config.chunk_size,
+                                 deadline_s=self.config.deadline_s)
 
     # ---- transfer --------------------------------------------------------------------------
     def start(self, deployment_id: str) -> bool:
@@ -247,20 +225,11 @@ class Deployer:
 
     # ---- cancelling -------------------------------------------------------------------------
     def cancel(self, deployment_id: str, *, notify: bool) -> DeploymentRecord:
-        """End a deployment in progress as `cancelled`; tell its device now (`notify`) or on the next tick.
-
-        A process without a broker (the CLI) records CANCEL_PENDING; the running server's tick
-        sends the signed cancel command, so the device drops the candidate and keeps its model.
-        """
-        dep = self.registry.deployment(deployment_id)
-        if dep.terminal:
-            raise DeployError(f"deployment {deployment_id} already ended: {dep.status} ({dep.reason or '-'})")
-        if not self.finish(dep, _D.CANCELLED, CANCELLED if notify else CANCEL_PENDING):
-            raise DeployError(f"deployment {deployment_id} ended while cancelling: "
-                              f"{self.registry.deployment(deployment_id).status}")
+        """End a deployment in progress as `cancelled` (see `cancel_deployment`); `notify` tells its device now."""
+        record = cancel_deployment(self.registry, deployment_id, notify=notify, reports=self.reports)
         if notify:
-            self.send_command(dep.device_id, CommandName.CANCEL, dep.deployment_id)
-        return self.registry.deployment(deployment_id)
+            self.send_command(record.device_id, CommandName.CANCEL, record.deployment_id)
+        return record
 
     def _tell_cancelled(self) -> None:
         for dep in self.registry.deployments(status=_D.CANCELLED, reason=CANCEL_PENDING):
@@ -302,3 +271,55 @@ class Deployer:
                 self._send_manifest(dep)
             elif dep.status in {_D.PASSED, _D.FAILED} and dep.verdict is not None:
                 self.publish_verdict(dep, Verdict.from_dict(dep.verdict))
+
+
+def record_deployment(registry: Registry, model_id: str, device_id: str, *, policy: Policy, deadline_s: float,
+                      chunk_size: int, version: int | None = None, force: bool = False) -> DeploymentRecord:
+    """Record a pending deployment after checking the device and its runtime (no key, no broker needed).
+
+    Raises UnknownDeviceError for a device never seen (unless `force`), and
+    IncompatibleRuntimeError (after recording a rejected deployment) when the artifact's
+    runtime check says the device cannot load it. A running server's tick starts it.
+    """
+    artifact = registry.artifact(model_id, version)
+    device = registry.find_device(device_id)
+    if device is None and not force:
+        known = [d.device_id for d in registry.devices()]
+        raise UnknownDeviceError(
+            f"device {device_id!r} has never been seen (no up/state received); known devices: "
+            f"{known or 'none'}. Start its agent first, or force the deployment.")
+    why = runtime_incompatibility(artifact, device.runtime_key if device else None)
+    if why and not force:
+        registry.create_deployment(artifact, device_id, chunk_size=chunk_size, policy=policy.to_dict(),
+                                   deadline_s=deadline_s, status=_D.REJECTED, reason=f"{ErrorKind.OP_VERSION}: {why}")
+        raise IncompatibleRuntimeError(f"refusing to deploy: {why}")
+    record = registry.create_deployment(artifact, device_id, chunk_size=chunk_size, policy=policy.to_dict(),
+                                        deadline_s=deadline_s, forced=force,
+                                        reason="forced" if force and (why or device is None) else "")
+    _LOGGER.info("deployment %s created: %s -> %s", record.deployment_id, artifact.id, device_id)
+    return record
+
+
+def cancel_deployment(registry: Registry, deployment_id: str, *, notify: bool,
+                      reports: ReportQueue | None = None) -> DeploymentRecord:
+    """End a deployment in progress as `cancelled`; the caller tells its device (`notify`) or the next tick does.
+
+    A process without a broker (the CLI) records CANCEL_PENDING; the running server's tick
+    sends the signed cancel command, so the device drops the candidate and keeps its model.
+    Report files, if the deployment has a report, are rewritten to show the final status.
+    """
+    dep = registry.deployment(deployment_id)
+    if dep.terminal:
+        raise DeployError(f"deployment {deployment_id} already ended: {dep.status} ({dep.reason or '-'})")
+    reason = CANCELLED if notify else CANCEL_PENDING
+    record = registry.transition(deployment_id, allowed_sources(_D.CANCELLED), _D.CANCELLED, reason=reason)
+    if record is None:
+        raise DeployError(f"deployment {deployment_id} ended while cancelling: "
+                          f"{registry.deployment(deployment_id).status}")
+    _LOGGER.info("deployment %s: %s -> %s %s", deployment_id, dep.status, _D.CANCELLED, reason)
+    if record.report is not None:
+        if reports is not None:
+            reports.submit(deployment_id)
+        else:
+            write_deployment_report(registry, deployment_id)
+    return record

@@ -198,13 +198,17 @@ class ReportQueue:
         self._executor.shutdown(wait=True)
 
     def _write_now(self, deployment_id: str, plot: bool) -> None:
-        """Files of the deployment as recorded now (see write_report); errors are logged."""
-        dep = self.registry.deployment(deployment_id)
-        if dep.report is None:
-            return
-        try:
-            write_report(self.registry.reports_dir, summary(dep), dep.report, dep.verdict, plot=plot)
-        except OSError as exc:  # the verdict stands even if the disk is full
-            _LOGGER.error("could not write the report files of %s: %s", dep.deployment_id, exc)
-        except Exception:  # a report bug must not silently stop the writer thread's later reports
-            _LOGGER.exception("report files of %s failed", dep.deployment_id)
+        write_deployment_report(self.registry, deployment_id, plot)
+
+
+def write_deployment_report(registry: Registry, deployment_id: str, plot: bool = True) -> None:
+    """Files of the deployment as recorded now (see write_report), if it has a report; errors are logged."""
+    dep = registry.deployment(deployment_id)
+    if dep.report is None:
+        return
+    try:
+        write_report(registry.reports_dir, summary(dep), dep.report, dep.verdict, plot=plot)
+    except OSError as exc:  # the verdict stands even if the disk is full
+        _LOGGER.error("could not write the report files of %s: %s", dep.deployment_id, exc)
+    except Exception:  # a report bug must not silently stop the writer thread's later reports
+        _LOGGER.exception("report files of %s failed", dep.deployment_id)

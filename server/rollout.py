@@ -50,31 +50,8 @@ class RolloutManager:
     # ---- creation and reading --------------------------------------------------------------
     def create(self, model_id: str, plan: RolloutPlan, *, version: int | None = None,
                policy: Policy | None = None) -> RolloutRecord:
-        """Record a running rollout of `model_id` (latest version unless given); a server tick starts it."""
-        artifact = self.registry.artifact(model_id, version)
-        unknown = [d for stage in plan.stages for d in stage.devices if self.registry.find_device(d) is None]
-        if unknown:
-            known = [d.device_id for d in self.registry.devices()]
-            raise RolloutError("refusing the rollout: " + "; ".join(
-                f"device {d!r} has never been seen (start its agent first)" for d in unknown)
-                + f". Known devices: {known or 'none'}")
-        skipped = {d: why for stage in plan.stages for d in stage.devices
-                   if (why := self._already_on(d, artifact.model_id, artifact.version))}
-        rollout_id = f"r-{secrets.token_hex(6)}"
-        self.registry.insert_rollout(rollout_id, artifact.model_id, artifact.version, plan,
-                                     policy.to_dict() if policy else None, skipped)
-        summary = ", ".join(f"{s.name}={len(s.devices)}" for s in plan.stages)
-        self.registry.log_event("rollout:created", detail=f"{rollout_id} {artifact.id} stages {summary} "
-                                                          f"max_failure_pct={plan.max_failure_pct}")
-        _LOGGER.info("rollout %s of %s created: %s", rollout_id, artifact.id, summary)
-        return self.get(rollout_id)
-
-    def _already_on(self, device_id: str, model_id: str, version: int) -> str | None:
-        """Why `device_id` needs no deployment (it runs this version already), or None."""
-        device = self.registry.find_device(device_id)
-        if device is not None and (device.active_model_id, device.active_version) == (model_id, version):
-            return f"skipped: already runs {model_id}@{version}"
-        return None
+        """Record a running rollout (see `create_rollout`); the next tick starts it."""
+        return create_rollout(self.registry, model_id, plan, version=version, policy=policy)
 
     def get(self, rollout_id: str) -> RolloutRecord:
         return self.registry.rollout(rollout_id)
@@ -125,7 +102,7 @@ class RolloutManager:
         # Claim the row first: with several server processes, exactly one creates the deployment.
         if not self.registry.claim_rollout_device(rollout.rollout_id, device_id):
             return
-        why = self._already_on(device_id, rollout.model_id, rollout.version)
+        why = already_on(self.registry, device_id, rollout.model_id, rollout.version)
         if why:  # promoted since the rollout was created (e.g. by a plain deploy)
             self.registry.settle_rollout_device(rollout.rollout_id, device_id, SKIPPED, why)
             return
@@ -177,3 +154,36 @@ class RolloutManager:
             return
         if self.registry.transition_rollout(rollout, status, stage, reason):
             _LOGGER.info("rollout %s: %s (stage %d) %s", rollout.rollout_id, status, stage, reason)
+
+
+def create_rollout(registry: Registry, model_id: str, plan: RolloutPlan, *, version: int | None = None,
+                   policy: Policy | None = None) -> RolloutRecord:
+    """Record a running rollout of `model_id` (latest version unless given); a server tick starts it.
+
+    Needs no deployer: a command line without a broker records it for a running server.
+    """
+    artifact = registry.artifact(model_id, version)
+    unknown = [d for stage in plan.stages for d in stage.devices if registry.find_device(d) is None]
+    if unknown:
+        known = [d.device_id for d in registry.devices()]
+        raise RolloutError("refusing the rollout: " + "; ".join(
+            f"device {d!r} has never been seen (start its agent first)" for d in unknown)
+            + f". Known devices: {known or 'none'}")
+    skipped = {d: why for stage in plan.stages for d in stage.devices
+               if (why := already_on(registry, d, artifact.model_id, artifact.version))}
+    rollout_id = f"r-{secrets.token_hex(6)}"
+    record = registry.insert_rollout(rollout_id, artifact.model_id, artifact.version, plan,
+                                     policy.to_dict() if policy else None, skipped)
+    summary = ", ".join(f"{s.name}={len(s.devices)}" for s in plan.stages)
+    registry.log_event("rollout:created", detail=f"{rollout_id} {artifact.id} stages {summary} "
+                                                 f"max_failure_pct={plan.max_failure_pct}")
+    _LOGGER.info("rollout %s of %s created: %s", rollout_id, artifact.id, summary)
+    return record
+
+
+def already_on(registry: Registry, device_id: str, model_id: str, version: int) -> str | None:
+    """Why `device_id` needs no deployment (it runs this version already), or None."""
+    device = registry.find_device(device_id)
+    if device is not None and (device.active_model_id, device.active_version) == (model_id, version):
+        return f"skipped: already runs {model_id}@{version}"
+    return None
