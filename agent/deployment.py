@@ -23,15 +23,17 @@ from agent.store import ModelStore, SlotRef, StoreError
 from agent.transfer import Receiver, VerifyError
 from protocol import artifact
 from protocol.messages import Manifest, Report
+from protocol.states import AgentPhase
 
 _LOGGER = logging.getLogger(__name__)
 
 MeasureFn = Callable[..., dict[str, Any]]
 PairedFn = Callable[..., dict[str, Any]]
 
-DOWNLOADING = "downloading"
-MEASURING = "measuring"
-AWAITING_VERDICT = "awaiting_verdict"
+# Kept for readers of this module; the phases and their transitions live in protocol.states.
+DOWNLOADING = AgentPhase.DOWNLOADING
+MEASURING = AgentPhase.MEASURING
+AWAITING_VERDICT = AgentPhase.AWAITING_VERDICT
 
 
 @dataclass
@@ -40,15 +42,11 @@ class Deployment:
 
     manifest: Manifest
     receiver: Receiver
-    phase: str = DOWNLOADING
+    phase: AgentPhase = AgentPhase.DOWNLOADING
     candidate: SlotRef | None = None
     loaded: LoadedModel | None = None
     last_progress: float = field(default_factory=time.monotonic)
-    verdict_deadline: float | None = None
-    # The report as sent, kept while awaiting the verdict: re-published on reconnect and
-    # periodically, because a broker restart can drop it before the server re-subscribes.
-    report_payload: bytes | None = None
-    next_report_resend: float | None = None
+    verdict_deadline: float | None = None  # the report awaiting it is held by agent.link.DeviceLink
 
     @property
     def deployment_id(self) -> str:
@@ -259,3 +257,18 @@ def _size_or_none(path: Any) -> int | None:
         return int(path.stat().st_size)
     except OSError:
         return None
+
+
+def drop_candidate(store: ModelStore, dep: Deployment, result: Evaluation | None) -> None:
+    """Close and delete a candidate whose evaluation broke down (never the active or previous model)."""
+    try:
+        if result is not None and result.loaded is not None:
+            result.loaded.close()
+        candidate = result.candidate if result else None
+        if candidate is None:
+            held = store.slot_contents(store.inactive_slot())
+            candidate = held if held is not None and held.deployment_id == dep.deployment_id else None
+        if candidate is not None:
+            store.discard_candidate(candidate)
+    except Exception:  # cleanup only: the report and the incumbent matter more
+        _LOGGER.exception("discard_failed deployment=%s", dep.deployment_id)

@@ -6,9 +6,12 @@ Each accessor names the message and field in its error, so a malformed message i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-from typing import Any
+import types
+from collections.abc import Callable
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from protocol.errors import ProtocolError
 from protocol.limits import DEFAULT_LIMITS
@@ -144,3 +147,109 @@ class Reader:
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
                 raise self._fail(key, f"integers in [{lo}, {hi}]", v)
         return values
+
+
+# -- schemas declared once: decoding derived from a dataclass's fields ---------------------------------
+_DEFAULT = object()
+
+
+def wire(*, required: bool | None = None, max_len: int | None = None, lo: int | None = None, hi: int | None = None,
+         choices: frozenset[str] | None = None, check: Callable[[Any], Any] | None = None,
+         item_check: Callable[[Any], Any] | None = None, missing: Any = _DEFAULT) -> dict[str, Any]:
+    """A field's wire rules, for `dataclasses.field(metadata=wire(...))`; unset ones take Reader's defaults.
+
+    `required` defaults to "the field has no default"; `check` validates (and may normalise) a
+    present value, `item_check` each item of a list; `missing` is the value of an absent optional
+    field when it is not the dataclass default (a receive timestamp absent on the wire is 0.0,
+    not the time of decoding).
+    """
+    rules = {"required": required, "max_len": max_len, "lo": lo, "hi": hi, "choices": choices, "check": check,
+             "item_check": item_check, "missing": missing}
+    return {"wire": {k: v for k, v in rules.items() if v is not None and v is not _DEFAULT}}
+
+
+@dataclasses.dataclass(frozen=True)
+class _FieldRule:
+    name: str
+    kind: type
+    item: type | None
+    required: bool
+    missing: Callable[[], Any]
+    limits: dict[str, Any]
+    check: Callable[[Any], Any] | None
+    item_check: Callable[[Any], Any] | None
+
+
+_RULES: dict[type, tuple[_FieldRule, ...]] = {}
+
+
+def _rule(f: dataclasses.Field[Any], hint: Any) -> _FieldRule:
+    meta = dict(f.metadata.get("wire", {}))
+    if get_origin(hint) in (Union, types.UnionType):
+        hint = next(a for a in get_args(hint) if a is not type(None))
+    kind = get_origin(hint) or hint
+    args = get_args(hint)
+    item = args[0] if kind is list and args else None
+    has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+    if "missing" in meta:
+        value = meta.pop("missing")
+        missing: Callable[[], Any] = lambda: value  # noqa: E731
+    elif f.default_factory is not dataclasses.MISSING:
+        missing = f.default_factory
+    else:
+        default = None if f.default is dataclasses.MISSING else f.default
+        missing = lambda: default  # noqa: E731
+    limits = {k: meta[k] for k in ("max_len", "lo", "hi", "choices") if k in meta}
+    return _FieldRule(f.name, kind, get_origin(item) or item, meta.get("required", not has_default), missing,
+                      limits, meta.get("check"), meta.get("item_check"))
+
+
+def _rules(cls: type) -> tuple[_FieldRule, ...]:
+    rules = _RULES.get(cls)
+    if rules is None:
+        hints = get_type_hints(cls)
+        rules = tuple(_rule(f, hints[f.name]) for f in dataclasses.fields(cls))
+        _RULES[cls] = rules
+    return rules
+
+
+def decode_fields(cls: type, obj: dict[str, Any], what: str) -> dict[str, Any]:
+    """The constructor arguments of dataclass `cls` read from `obj`, each checked by its type and wire rules.
+
+    Types: str, int, float, bool, dict, list[int], list[str], list[dict], each optionally `| None`.
+    Fields are read in declaration order; the first bad one raises ProtocolError naming it.
+    """
+    r = Reader(obj, what)
+    values: dict[str, Any] = {}
+    for rule in _rules(cls):
+        value = _read(r, rule)
+        if value is None:
+            values[rule.name] = rule.missing()
+            continue
+        if rule.item_check is not None:
+            for item in value:
+                rule.item_check(item)
+        values[rule.name] = rule.check(value) if rule.check is not None else value
+    return values
+
+
+def _read(r: Reader, rule: _FieldRule) -> Any:
+    name, required, limits = rule.name, rule.required, rule.limits
+    if rule.kind is str:
+        return r.str(name, required, **limits)
+    if rule.kind is bool:
+        return r.bool(name, required)
+    if rule.kind is int:
+        return r.int(name, required, **limits)
+    if rule.kind is float:
+        return r.float(name, required)
+    if rule.kind is dict:
+        return r.dict(name, required)
+    if rule.kind is list and rule.item is int:
+        return r.int_list(name, required, **limits)
+    if rule.kind is list:
+        values = r.list(name, required, **limits)
+        if values is not None and rule.item is dict and not all(isinstance(v, dict) for v in values):
+            raise ProtocolError(f"{r.what}.{name}: expected a list of objects")
+        return values
+    raise TypeError(f"{r.what}.{name}: no wire decoding for {rule.kind!r}")
