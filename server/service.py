@@ -9,6 +9,7 @@ payload preview, recorded in the event log, and dropped: a device can never cras
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -29,7 +30,8 @@ from server.rollout import RolloutManager
 
 _LOGGER = logging.getLogger(__name__)
 
-_DECODERS = {"state": DeviceState, "heartbeat": Heartbeat, "event": Event, "report": Report}
+_DECODERS: dict[str, type[DeviceState | Heartbeat | Event | Report]] = {
+    "state": DeviceState, "heartbeat": Heartbeat, "event": Event, "report": Report}
 
 
 # How often a running server stamps its row in the registry (`edgeguide-server deploy --wait` reads it).
@@ -141,7 +143,7 @@ class EdgeGuideServer:
             self.rate_limited += 1
             dropped = self.limiter.take_notice(device)
             if dropped:
-                self._call(lambda d=device[:64], n=dropped: self._record_rate_limited(d, n))
+                self._call(functools.partial(self._record_rate_limited, device[:64], dropped))
             return
         self._worker.submit(lambda: self.handle(topic, payload), topic)
 

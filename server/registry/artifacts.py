@@ -47,9 +47,8 @@ class ArtifactTables(EventLog):
         model_file = folder / MODEL_FILE
         if not model_file.is_file() or model_file.stat().st_size == 0:
             raise RegistryError(f"artifact {folder} has no (or an empty) {MODEL_FILE}")
-        model_id = model_id or metrics.get("model_id")
         try:
-            names.model_id(model_id)
+            model_id = names.model_id(model_id or metrics.get("model_id"))
         except ProtocolError as exc:
             raise RegistryError(f"artifact {folder}: {exc} (set model_id in metrics.json or pass one)") from exc
         packed = pack_artifact(folder)

@@ -109,7 +109,8 @@ class DeploymentTables(EventLog):
                                verdict=verdict) is None:
                 raise RegistryError(f"deployment {deployment_id} cannot move from {current!r} to {status!r}")
             reason = report = verdict = None
-        sets, params = ["updated = ?"], [time.time()]
+        sets: list[str] = ["updated = ?"]
+        params: list[Any] = [time.time()]
         for column, value in (("reason", reason), ("report", _json(report)), ("verdict", _json(verdict)),
                               ("resends", _json(resends)), ("deadline", deadline)):
             if value is not None:

@@ -16,7 +16,7 @@ down_revision = None
 branch_labels = None
 depends_on = None
 
-_REAL = sa.DOUBLE_PRECISION()
+_REAL: sa.types.TypeEngine[float] = sa.DOUBLE_PRECISION()
 _SERIAL = sa.BigInteger().with_variant(sa.Integer(), "sqlite")  # SQLite: INTEGER PRIMARY KEY is the rowid
 
 
