@@ -45,8 +45,10 @@ hil-arm64: system-deps-arm64 setup
 hil-arm64-full: system-deps-arm64 setup
 	$(PY) -m hil_tests.arm64 run --mode full $(ARGS)
 
+# ruff everywhere; mypy as configured in pyproject.toml ([tool.mypy]: strict for protocol/ and agent/).
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 bench: setup
 	mkdir -p reports/bench

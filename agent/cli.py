@@ -18,9 +18,13 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from agent.config import ENV_PREFIX, ConfigError, load_config
+from agent.config import ENV_PREFIX, AgentConfig, ConfigError, load_config
 from protocol.files import atomic_write_json
+
+if TYPE_CHECKING:  # the daemon's imports (numpy, paho, the runtime) load only when it runs
+    from agent.daemon import Agent
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -115,7 +119,7 @@ def heavy_modules_loaded() -> list[str]:
     return sorted(m for m in sys.modules if m.split(".")[0] in HEAVY_MODULES)
 
 
-def _check_config(config_dict: dict) -> int:
+def _check_config(config_dict: dict[str, Any]) -> int:
     # Import everything the running daemon imports, so heavy_modules proves the agent is TF-free.
     from agent import daemon, measure, serving  # noqa: F401
     from agent.runtime import ModelLoadError, detect_runtime
@@ -148,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.debug_modules_file.write_text("\n".join(sorted(sys.modules)) + "\n")
 
 
-def _run(config, args: argparse.Namespace) -> int:  # noqa: ANN001 - AgentConfig, imported lazily
+def _run(config: AgentConfig, args: argparse.Namespace) -> int:
     from agent.daemon import Agent
 
     agent = Agent(config)
@@ -186,7 +190,7 @@ def _run(config, args: argparse.Namespace) -> int:  # noqa: ANN001 - AgentConfig
     return 0
 
 
-def _exit_fatal(agent) -> int:  # noqa: ANN001 - Agent, imported lazily
+def _exit_fatal(agent: Agent) -> int:
     """Stop what can be stopped, then exit non-zero so the supervisor restarts the agent."""
     signal.alarm(FATAL_STOP_S)
     try:
@@ -197,7 +201,7 @@ def _exit_fatal(agent) -> int:  # noqa: ANN001 - Agent, imported lazily
     return EXIT_FATAL
 
 
-def _write_ready_file(agent, path: Path, stop: threading.Event) -> None:  # noqa: ANN001
+def _write_ready_file(agent: Agent, path: Path, stop: threading.Event) -> None:
     while not stop.is_set():
         if agent.ready.wait(0.5):
             atomic_write_json(path, {"pid": os.getpid(), "http_port": agent.http_port,

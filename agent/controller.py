@@ -89,6 +89,8 @@ class DeploymentController:
     # -- opening -----------------------------------------------------------------------------------
     def open(self) -> None:
         """Read the pinned key, open the state directory, detect the runtime (before connecting)."""
+        if self.config.server_key is None:
+            raise ValueError("server_key: required (the agent refuses unsigned deployments)")
         self._server_key = signing.load_public_key(self.config.server_key)
         self._store = ModelStore(self.config.state_dir)
         self._runtime = detect_runtime(self.config.runtime)

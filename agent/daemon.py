@@ -99,7 +99,7 @@ class Agent:
                                           allowed_hosts=self.config.allowed_hosts)
         self.worker.submit(self.controller.on_resume, "resume")
         self.worker.start()
-        self.device_link.start(self._on_message, lambda: self.worker.submit(self._on_connected, "connected"))
+        self.device_link.start(self._on_message, self._connected_listener)
         self.heartbeat.start()
 
     @property
@@ -196,6 +196,10 @@ class Agent:
         except Exception:
             _LOGGER.error("handler_failed kind=%s payload=%r", kind, bytes(payload or b"")[:120])
             raise
+
+    def _connected_listener(self) -> None:
+        """paho's thread, after every (re)connect: the reaction runs on the worker."""
+        self.worker.submit(self._on_connected, "connected")
 
     def _on_connected(self) -> None:
         self.controller.on_connected()

@@ -147,7 +147,7 @@ def _resolve(forced: str | None = None) -> tuple[Callable[..., Any], RuntimeInfo
 
 
 def _first_available() -> tuple[Callable[..., Any], RuntimeInfo]:
-    errors = []
+    errors: list[str] = []
     for backend in _BACKENDS:
         if backend.name == "tensorflow":
             # Development fallback only: the device runtimes are missing, say so loudly.
@@ -180,7 +180,7 @@ class _SignatureCalls:
         runner = interpreter.get_signature_runner(key)
         self.input_index = {n: int(d["index"]) for n, d in runner.get_input_details().items()}
         self.output_index = {n: int(d["index"]) for n, d in runner.get_output_details().items()}
-        wrapper = getattr(interpreter, "_interpreter", None)
+        wrapper: Any = getattr(interpreter, "_interpreter", None)
         if direct and all(callable(getattr(wrapper, name, None)) for name in _WRAPPER_CALLS):
             self.subgraph = int(wrapper.GetSubgraphIndexFromSignature(key))
             if self.subgraph:
@@ -315,7 +315,7 @@ class Recommender:
         here). Raises RecommenderClosedError after `close`.
         """
         buffer = self._window_buffer
-        self._pack_window(buffer, 0, *window)
+        self._pack_window(buffer, 0, *window)  # type: ignore[arg-type]  # numpy arrays are writable buffers
         subgraph = self._subgraph
         self._set_tensor(self._input_index, buffer, subgraph)
         self._invoke(subgraph)

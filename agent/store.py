@@ -305,7 +305,7 @@ class Staging:
         self._data: io.FileIO | None = None
 
     @classmethod
-    def create(cls, path: Path, manifest: Manifest, **flush_policy: float) -> Staging:
+    def create(cls, path: Path, manifest: Manifest, **flush_policy: Any) -> Staging:
         """Preallocate the file so a full disk fails now, before any chunk is accepted.
 
         Only the directory rename is made durable (one fsync): a staging dir whose manifest,
@@ -331,7 +331,7 @@ class Staging:
         return cls(path, manifest, [False] * manifest.chunk_count, **flush_policy)
 
     @classmethod
-    def open(cls, path: Path, **flush_policy: float) -> Staging:
+    def open(cls, path: Path, **flush_policy: Any) -> Staging:
         """Resume: re-verify every chunk the bitmap claims, so a torn write is simply re-requested.
 
         This check is what lets `write_chunk` skip fsync: the bitmap only ever claims chunks whose
@@ -362,7 +362,7 @@ class Staging:
         m = self.manifest
         return min(m.chunk_size, m.total_size - index * m.chunk_size)
 
-    def write_chunk(self, index: int, data: bytes) -> None:
+    def write_chunk(self, index: int, data: bytes | memoryview) -> None:
         """Write at the chunk's offset (no fsync); flush every `flush_every` chunks, `flush_interval_s`
         seconds, and when the last chunk arrives.
 

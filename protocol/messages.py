@@ -45,8 +45,9 @@ class _Message:
     """Shared encode/decode plumbing."""
 
     KIND: ClassVar[str] = "message"
+    __dataclass_fields__: ClassVar[dict[str, Any]]  # every subclass is a dataclass
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
     def to_json(self) -> bytes:
@@ -57,14 +58,14 @@ class _Message:
         return cls.from_dict(decode_object(payload, cls.KIND, max_bytes))
 
     @classmethod
-    def from_dict(cls, obj: dict) -> Self:
+    def from_dict(cls, obj: dict[str, Any]) -> Self:
         """Decode by the dataclass's own fields (types plus `wire` rules): each field declared once."""
         values = decode_fields(cls, obj, cls.KIND)
         cls._check_decoded(obj, values)
         return cls(**values)
 
     @classmethod
-    def _check_decoded(cls, obj: dict, values: dict[str, Any]) -> None:
+    def _check_decoded(cls, obj: dict[str, Any], values: dict[str, Any]) -> None:
         """Rules across fields (none by default)."""
 
 
@@ -79,7 +80,7 @@ class _Signed(_Message):
         return canonical_json(body)
 
     def signed(self, key: Ed25519PrivateKey) -> Self:
-        return dataclasses.replace(self, signature=signing.sign(key, self.canonical()))  # type: ignore[arg-type]
+        return dataclasses.replace(self, signature=signing.sign(key, self.canonical()))
 
     def verify(self, key: Ed25519PublicKey) -> None:
         signing.verify(key, self.canonical(), self.signature)
@@ -99,7 +100,7 @@ class Manifest(_Signed):
     chunk_size: int = field(metadata=wire(lo=1, hi=_LIM.max_chunk_bytes))
     chunk_sha256: list[str] = field(metadata=wire(max_len=_LIM.max_chunks, item_check=names.sha256_hex))
     created: str = field(default_factory=utc_now, metadata=CREATED)
-    requirements: dict = field(default_factory=dict)
+    requirements: dict[str, Any] = field(default_factory=dict)
     rollback: bool = False
     # Bytes the artifact's files take unpacked (signed like the rest; None from older servers):
     # the device refuses it above max_unpacked_bytes before downloading, and stops unpacking past it.
@@ -114,13 +115,13 @@ class Manifest(_Signed):
     def chunk_count(self) -> int:
         return len(self.chunk_sha256)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         body = super().to_dict()
         body["chunk_count"] = self.chunk_count
         return body
 
     @classmethod
-    def _check_decoded(cls, obj: dict, values: dict[str, Any]) -> None:
+    def _check_decoded(cls, obj: dict[str, Any], values: dict[str, Any]) -> None:
         total, chunk_size, digests = values["total_size"], values["chunk_size"], values["chunk_sha256"]
         expected = -(-total // chunk_size)
         if len(digests) != expected:
@@ -141,7 +142,7 @@ class Verdict(_Signed):
     model_id: str = field(metadata=MODEL_ID)
     version: int
     verdict: str = field(metadata=wire(choices=VERDICTS))
-    checks: list[dict] = field(default_factory=list, metadata=wire(max_len=256))
+    checks: list[dict[str, Any]] = field(default_factory=list, metadata=wire(max_len=256))
     reason: str = ""
     created: str = field(default_factory=utc_now, metadata=CREATED)
     signature: str | None = field(default=None, metadata=SIGNATURE)
@@ -172,7 +173,7 @@ class DeviceState(_Message):
     status: str = field(metadata=wire(choices=wire_values(DeviceStatus)))
     active_model_id: str | None = field(default=None, metadata=MODEL_ID)
     active_version: int | None = None
-    runtime: dict | None = None
+    runtime: dict[str, Any] | None = None
     agent_version: str | None = field(default=None, metadata=wire(max_len=64))
     ts: float = field(default_factory=time.time, metadata=RECEIVED_TS)
 
@@ -216,14 +217,14 @@ class Report(_Message):
     error_kind: str | None = field(default=None, metadata=wire(choices=ERROR_KINDS))
     error: str | None = None
     mode: str | None = field(default=None, metadata=wire(choices=wire_values(MeasureMode)))
-    runtime: dict | None = None
+    runtime: dict[str, Any] | None = None
     model_bytes: int | None = None
-    latency_ms: dict | None = None
-    memory: dict | None = None
-    energy: dict | None = None
-    quality: dict | None = None
-    context: dict | None = None
-    paired: dict | None = None
+    latency_ms: dict[str, Any] | None = None
+    memory: dict[str, Any] | None = None
+    energy: dict[str, Any] | None = None
+    quality: dict[str, Any] | None = None
+    context: dict[str, Any] | None = None
+    paired: dict[str, Any] | None = None
     ts: float = field(default_factory=time.time, metadata=RECEIVED_TS)
 
     def figure(self, path: str) -> Any:

@@ -199,7 +199,7 @@ class MqttLink:
         self._connecting = True
         props = None
         if v5:
-            props = Properties(PacketTypes.CONNECT)
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = 0 if self._clean_start else SESSION_EXPIRY_S
         try:
             if v5:
@@ -321,7 +321,7 @@ class MqttLink:
             routes = [h for f, (h, _q) in self._subs.items() if paho.topic_matches_sub(_strip_share(f), msg.topic)]
         for handler in routes:
             try:
-                handler(msg.topic, msg.payload)
+                handler(msg.topic, msg.payload)  # type: ignore[arg-type]  # paho hands bytes to on_message
             except Exception:
                 _LOGGER.exception("exception in %s when handling msg on %r: %r",
                                   getattr(handler, "__name__", handler), msg.topic, msg.payload[:200])

@@ -11,13 +11,13 @@ import json
 import math
 import types
 from collections.abc import Callable
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any, TypeAlias, Union, get_args, get_origin, get_type_hints
 
 from protocol.errors import ProtocolError
 from protocol.limits import DEFAULT_LIMITS
 
 
-def decode_object(payload: bytes | str, what: str, max_bytes: int = DEFAULT_LIMITS.max_json_bytes) -> dict:
+def decode_object(payload: bytes | str, what: str, max_bytes: int = DEFAULT_LIMITS.max_json_bytes) -> dict[str, Any]:
     """Decode a bounded UTF-8 JSON object; anything else is a ProtocolError."""
     if len(payload) > max_bytes:
         raise ProtocolError(f"{what}: {len(payload)} bytes exceeds the limit of {max_bytes}")
@@ -60,35 +60,45 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def canonical_json(obj: dict) -> bytes:
+def canonical_json(obj: dict[str, Any]) -> bytes:
     """The one byte form that is signed: sorted keys, no spaces, ASCII, no NaN."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
 
 
-def encode(obj: dict) -> bytes:
+def encode(obj: dict[str, Any]) -> bytes:
     """Encode a message body for the wire."""
     return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+
+
+# Reader's methods are named after the types they read, which shadows those names in its body.
+_Str: TypeAlias = str
+_Int: TypeAlias = int
+_Float: TypeAlias = float
+_Bool: TypeAlias = bool
+JsonObject: TypeAlias = dict[str, Any]
+JsonList: TypeAlias = list[Any]
+_IntList: TypeAlias = list[int]
 
 
 class Reader:
     """Typed, bounded access to the fields of one decoded message."""
 
-    def __init__(self, obj: dict, what: str) -> None:
+    def __init__(self, obj: JsonObject, what: _Str) -> None:
         self.obj = obj
         self.what = what
 
-    def _get(self, key: str, required: bool) -> Any:
+    def _get(self, key: _Str, required: _Bool) -> Any:
         if key not in self.obj or self.obj[key] is None:
             if required:
                 raise ProtocolError(f"{self.what}: missing required field {key!r}")
             return None
         return self.obj[key]
 
-    def _fail(self, key: str, expected: str, value: Any) -> ProtocolError:
+    def _fail(self, key: _Str, expected: _Str, value: Any) -> ProtocolError:
         return ProtocolError(f"{self.what}.{key}: expected {expected}, got {value!r:.80}")
 
-    def str(self, key: str, required: bool = True, max_len: int = DEFAULT_LIMITS.max_string,
-            choices: frozenset[str] | None = None) -> str | None:
+    def str(self, key: _Str, required: _Bool = True, max_len: _Int = DEFAULT_LIMITS.max_string,
+            choices: frozenset[_Str] | None = None) -> _Str | None:
         value = self._get(key, required)
         if value is None:
             return None
@@ -98,7 +108,7 @@ class Reader:
             raise self._fail(key, f"one of {sorted(choices)}", value)
         return value
 
-    def int(self, key: str, required: bool = True, lo: int = 0, hi: int = 2**53) -> int | None:
+    def int(self, key: _Str, required: _Bool = True, lo: _Int = 0, hi: _Int = 2**53) -> _Int | None:
         value = self._get(key, required)
         if value is None:
             return None
@@ -106,7 +116,7 @@ class Reader:
             raise self._fail(key, f"an integer in [{lo}, {hi}]", value)
         return value
 
-    def float(self, key: str, required: bool = True) -> float | None:
+    def float(self, key: _Str, required: _Bool = True) -> _Float | None:
         value = self._get(key, required)
         if value is None:
             return None
@@ -114,7 +124,7 @@ class Reader:
             raise self._fail(key, "a finite number", value)
         return float(value)
 
-    def bool(self, key: str, required: bool = True) -> bool | None:
+    def bool(self, key: _Str, required: _Bool = True) -> _Bool | None:
         value = self._get(key, required)
         if value is None:
             return None
@@ -122,7 +132,7 @@ class Reader:
             raise self._fail(key, "true or false", value)
         return value
 
-    def dict(self, key: str, required: bool = True) -> dict | None:
+    def dict(self, key: _Str, required: _Bool = True) -> JsonObject | None:
         value = self._get(key, required)
         if value is None:
             return None
@@ -130,7 +140,7 @@ class Reader:
             raise self._fail(key, "an object", value)
         return value
 
-    def list(self, key: str, required: bool = True, max_len: int = DEFAULT_LIMITS.max_list) -> list | None:
+    def list(self, key: _Str, required: _Bool = True, max_len: _Int = DEFAULT_LIMITS.max_list) -> JsonList | None:
         value = self._get(key, required)
         if value is None:
             return None
@@ -138,8 +148,8 @@ class Reader:
             raise self._fail(key, f"a list of at most {max_len} items", value)
         return value
 
-    def int_list(self, key: str, required: bool = True, lo: int = 0, hi: int = 2**31,
-                 max_len: int = DEFAULT_LIMITS.max_list) -> list[int] | None:
+    def int_list(self, key: _Str, required: _Bool = True, lo: _Int = 0, hi: _Int = 2**31,
+                 max_len: _Int = DEFAULT_LIMITS.max_list) -> _IntList | None:
         values = self.list(key, required, max_len)
         if values is None:
             return None

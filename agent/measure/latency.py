@@ -56,7 +56,7 @@ class RunResult:
 
 
 def _rss_mib(process: psutil.Process) -> float:
-    return process.memory_info().rss / _MIB
+    return float(process.memory_info().rss) / _MIB
 
 
 def cold_start(load: Callable[[], Recommender], history: np.ndarray) -> ColdStart:

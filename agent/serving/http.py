@@ -187,7 +187,7 @@ class _Handler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True
 
     def setup(self) -> None:
-        self.timeout = self.server.io_timeout_s  # a stalled client ties up one pooled worker, at most this long
+        self.timeout = self.server.io_timeout_s  # type: ignore[misc]  # a stalled client ties up one pooled worker, at most this long
         super().setup()
 
     def handle(self) -> None:

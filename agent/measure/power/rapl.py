@@ -86,6 +86,7 @@ class RaplPower:
             self.prime()
             time.sleep(self.prime_s)
         now, counters = self.clock(), self._counters()
+        assert self._previous is not None  # prime() set it
         then, before = self._previous
         self._previous = (now, counters)
         elapsed = now - then
