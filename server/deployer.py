@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -128,7 +129,8 @@ class Deployer:
         if digests is None:
             digests = self.prepare(artifact, dep.chunk_size).digests
         metrics = artifact.metrics
-        requirements = {k: metrics[k] for k in ("ops", "runtimes", "window", "k", "num_items") if k in metrics}
+        requirements: dict[str, Any] = {k: metrics[k] for k in ("ops", "runtimes", "window", "k", "num_items")
+                                        if k in metrics}
         return Manifest(deployment_id=dep.deployment_id, device_id=dep.device_id, model_id=artifact.model_id,
                         version=artifact.version, total_size=artifact.size, sha256=artifact.sha256,
                         chunk_size=dep.chunk_size, chunk_sha256=list(digests),

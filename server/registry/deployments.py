@@ -20,6 +20,7 @@ from server.registry.records import (
     RegistryError,
     allowed_sources,
     check_transition,
+    deployment_status,
     new_deployment_id,
 )
 from server.registry.records import to_json as _json
@@ -33,15 +34,15 @@ class DeploymentTables(EventLog):
     def create_deployment(self, artifact: ArtifactRecord, device_id: str, *, chunk_size: int,
                           policy: dict | None, deadline_s: float, status: str = "pending", reason: str = "",
                           forced: bool = False) -> DeploymentRecord:
-        """Insert a new deployment row with a fresh id (`pending`, or `rejected` when refused up front)."""
-        if status not in {"pending", "rejected"}:
-            raise RegistryError(f"a deployment starts as 'pending' or 'rejected', not {status!r}")
+        """Insert a new deployment row with a fresh id (`pending`, or `rejected` when refused up front;
+        tests and benchmarks seed other statuses)."""
+        status = deployment_status(status)
         now = time.time()
         dep_id = new_deployment_id()
         self.db.execute(
             "INSERT INTO deployments (deployment_id, device_id, artifact_id, model_id, version, status, reason, policy,"
             " chunk_size, forced, created, updated, deadline) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (dep_id, device_id, artifact.id, artifact.model_id, artifact.version, status, reason, _json(policy),
+            (dep_id, device_id, artifact.id, artifact.model_id, artifact.version, status.value, reason, _json(policy),
              chunk_size, int(forced), now, now, now + deadline_s))
         self.log_event("deployment_created", device_id=device_id, deployment_id=dep_id,
                        detail=f"{artifact.id} status={status} {reason}".strip())
