@@ -22,19 +22,10 @@ from typing import Any, Protocol
 
 from agent import __version__
 from agent.config import AgentConfig
-from agent.deployment import (
-    Deployment,
-    EvalSettings,
-    Evaluation,
-    MeasureFn,
-    PairedFn,
-    drop_candidate,
-    evaluate_candidate,
-    failed_evaluation,
-)
+from agent.deployment import Deployment, EvalSettings, MeasureFn, PairedFn, evaluate_and_encode
 from agent.health import Health, Snapshot
 from agent.inbound import LATE, Refused, decode_command, decode_verdict, verdict_problem
-from agent.link import DeviceLink, encode_report
+from agent.link import DeviceLink
 from agent.model import LoadedModel
 from agent.recovery import open_active, open_slot, resume_staging
 from agent.runtime import ModelLoadError, RuntimeInfo, detect_runtime
@@ -321,20 +312,9 @@ class DeploymentController:
         self.link.event(_E.DOWNLOAD_COMPLETE, deployment_id=dep.deployment_id, version=dep.manifest.version)
         self._enter(dep, _P.MEASURING)
         self.link.event(_E.MEASURING, deployment_id=dep.deployment_id, version=dep.manifest.version)
-        settings = self._settings()
-        result: Evaluation | None = None
-        try:
-            result = evaluate_candidate(dep, self.store, settings, measure=self.measuring.measure,
-                                        paired=self.measuring.paired, incumbent=self.active_model,
-                                        runtime_info=self.runtime)
-            payload = encode_report(result.report)
-        except Exception as exc:  # evaluate_candidate reports model failures itself; this is an agent bug
-            _LOGGER.exception("evaluation_failed deployment=%s", dep.deployment_id)
-            drop_candidate(self.store, dep, result)
-            kind = ErrorKind.MEASURE_ERROR if result else ErrorKind.LOAD_ERROR
-            result = failed_evaluation(dep, settings, exc, kind.value, self.runtime,
-                                       prefix="agent error while evaluating: ")
-            payload = encode_report(result.report)
+        result, payload = evaluate_and_encode(dep, self.store, self._settings(), measure=self.measuring.measure,
+                                              paired=self.measuring.paired, incumbent=self.active_model,
+                                              runtime_info=self.runtime)
         self.link.send_report(result.report, payload)
         if result.failed_event is not None:
             why = f"{result.report.error_kind}: {result.report.error}"

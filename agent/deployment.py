@@ -22,6 +22,7 @@ from agent.runtime import ModelLoadError, OpVersionError, RuntimeInfo
 from agent.store import ModelStore, SlotRef, StoreError
 from agent.transfer import Receiver, VerifyError
 from protocol import artifact
+from protocol.jsonsafe import dumps_compact
 from protocol.messages import Manifest, Report
 from protocol.states import AgentPhase
 
@@ -257,6 +258,28 @@ def _size_or_none(path: Any) -> int | None:
         return int(path.stat().st_size)
     except OSError:
         return None
+
+
+def encode_report(report: Report) -> bytes:
+    """NaN/inf figures become None (not valid JSON): an unavailable figure, never a made-up one."""
+    return dumps_compact(report.to_dict())
+
+
+def evaluate_and_encode(dep: Deployment, store: ModelStore, settings: EvalSettings, *, measure: MeasureFn,
+                        paired: PairedFn | None, incumbent: LoadedModel | None,
+                        runtime_info: RuntimeInfo) -> tuple[Evaluation, bytes]:
+    """`evaluate_candidate` and the report's wire bytes; an agent bug in either still yields a report."""
+    result: Evaluation | None = None
+    try:
+        result = evaluate_candidate(dep, store, settings, measure=measure, paired=paired, incumbent=incumbent,
+                                    runtime_info=runtime_info)
+        return result, encode_report(result.report)
+    except Exception as exc:  # evaluate_candidate reports model failures itself; this is an agent bug
+        _LOGGER.exception("evaluation_failed deployment=%s", dep.deployment_id)
+        drop_candidate(store, dep, result)
+        failed = failed_evaluation(dep, settings, exc, "measure_error" if result else "load_error", runtime_info,
+                                   prefix="agent error while evaluating: ")
+        return failed, encode_report(failed.report)
 
 
 def drop_candidate(store: ModelStore, dep: Deployment, result: Evaluation | None) -> None:

@@ -20,11 +20,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from agent.config import AgentConfig
+from agent.deployment import encode_report
 from agent.health import Health
 from agent.outbox import Outbox, OutboxFlusher
 from protocol.backoff import Backoff
 from protocol.errors import ProtocolError
-from protocol.jsonsafe import dumps_compact
 from protocol.messages import Event, Report
 from protocol.mqtt import ConnectError, MqttLink
 from protocol.redact import redact_url
@@ -34,11 +34,6 @@ _LOGGER = logging.getLogger(__name__)
 
 EVENT_REASON_MAX_CHARS = 1000  # an event's reason text is cut to this (error texts can quote payloads)
 MessageHandler = Callable[[str, bytes], None]
-
-
-def encode_report(report: Report) -> bytes:
-    """NaN/inf figures become None (not valid JSON): an unavailable figure, never a made-up one."""
-    return dumps_compact(report.to_dict())
 
 
 class DeviceLink:

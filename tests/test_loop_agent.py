@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
@@ -34,6 +35,7 @@ from agent.measure import MeasureConfig
 from agent.store import ModelStore
 from agent.transfer import Receiver
 from protocol import artifact, chunking
+from protocol.states import AgentPhase
 from protocol.topics import Topics
 
 pytestmark = pytest.mark.network
@@ -407,3 +409,37 @@ def test_configured_mqtt_protocol_and_report_resend_reach_the_running_agent(rig:
     manifest = rig.server.deploy(blobs["float"], version=1)
     rig.server.wait_for("report", lambda r: r["deployment_id"] == manifest.deployment_id)
     _wait_until(lambda: _reports(rig, manifest.deployment_id) >= 3, 10, "reports re-sent every 0.3 s")
+
+
+def test_stop_during_a_measurement_leaves_the_deployment_to_the_busy_worker(rig: Rig, blobs: dict[str, bytes]) -> None:
+    """stop(timeout) returns on time while a measurement runs, and touches nothing the worker owns;
+    the worker finishes the job, then releases the candidate itself."""
+    from agent.measure import measure_model
+
+    started, release = threading.Event(), threading.Event()
+
+    def held_measure(*args: object, **kwargs: object) -> dict:
+        started.set()
+        release.wait(60)
+        return measure_model(*args, **kwargs)  # the real measurement, only later
+
+    rig.preinstall(blobs["float"], version=1)  # the incumbent the paired comparison will use
+    rig.config.validate()
+    agent = rig.agent = Agent(rig.config, measure=held_measure, measure_config=MeasureConfig(**TINY_MEASURE),
+                              power_source=None)
+    agent.start()
+    rig.server.wait_for("state", lambda s: s["status"] == "online")
+    manifest = rig.server.deploy(blobs["float"], version=2)
+    assert started.wait(60), "the measurement never started"
+    began = time.monotonic()
+    agent.stop(timeout=0.5)
+    assert agent.stopped.is_set() and time.monotonic() - began < 15
+    dep = agent.deployment
+    assert dep is not None and dep.phase is AgentPhase.MEASURING  # left as the running job has it
+    assert agent.active_model is not None and agent.active_model.version == 1  # not closed under the job
+    assert agent.worker.alive
+    assert ModelStore(rig.state_dir).staging(manifest.deployment_id).exists()
+    release.set()
+    _wait_until(lambda: not agent.worker.alive, 60, "the worker to finish the measurement and end")
+    assert agent.active_model is None and agent.deployment is not None  # released by the worker's close job
+    assert agent.deployment.loaded is None

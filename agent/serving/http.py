@@ -18,7 +18,6 @@ The API has no authentication, so it binds to loopback unless told otherwise.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import json
 import logging
 import queue
@@ -31,7 +30,11 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
+from agent.serving.hosts import allowed_hosts as _allowed_hosts
+from agent.serving.hosts import host_problem, is_loopback
 from agent.serving.service import NoModelError, RecommendService, RequestError
+
+__all__ = ["ServerHandle", "host_problem", "start_http_server"]
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -136,42 +139,6 @@ def _refuse_busy(request: socket.socket) -> None:
         request.sendall(head + _BUSY)
     except OSError:
         pass
-
-
-def _allowed_hosts(host: str) -> frozenset[str]:
-    """Host header values (without port, lower case) a request to this server may carry."""
-    names = {"localhost", host.lower().strip("[]")}
-    try:
-        bound = ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return frozenset(names)
-    if bound.is_loopback:
-        names |= {"127.0.0.1", "::1"}
-    return frozenset(names)
-
-
-def host_problem(header: str | None, allowed: frozenset[str], port: int, wildcard: bool) -> str | None:
-    """Why a Host header does not name this server (DNS rebinding), or None when it does."""
-    if header is None:
-        return "the Host header is required"
-    host, port_text = header.strip().lower(), ""
-    if host.startswith("["):
-        host, _, rest = host[1:].partition("]")
-        port_text = rest[1:] if rest.startswith(":") else rest
-    elif host.count(":") == 1:
-        host, _, port_text = host.partition(":")
-    if port_text and port_text != str(port):
-        return f"Host {header!r:.100} names another port than {port}"
-    if host in allowed:
-        return None
-    if wildcard:  # bound to every address: any IP literal is ours; only names can be rebound
-        try:
-            ipaddress.ip_address(host)
-            return None
-        except ValueError:
-            pass
-    return (f"Host {header!r:.100} is not this server's address; use http://{sorted(allowed)[0]}:{port} "
-            "(names other than localhost are refused against DNS rebinding)")
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -455,7 +422,7 @@ def start_http_server(service: RecommendService, host: str = "127.0.0.1", port: 
         raise ValueError(f"io_timeout_s must be > 0, got {io_timeout_s}")
     if workers < 1 or queue_size < 1:
         raise ValueError(f"workers and queue_size must be >= 1, got {workers} and {queue_size}")
-    if not _is_loopback(host):
+    if not is_loopback(host):
         _LOGGER.warning("http_public_bind host=%s: the recommendation API has no authentication", host)
     try:
         server = _Server((host, port), service, max_body, io_timeout_s, workers, queue_size, allowed_hosts)
@@ -468,15 +435,6 @@ def start_http_server(service: RecommendService, host: str = "127.0.0.1", port: 
     handle = ServerHandle(host=host, port=bound_port, _server=server, _thread=thread)
     _LOGGER.info("http_listening url=%s max_body=%d workers=%d queue=%d", handle.url, max_body, workers, queue_size)
     return handle
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _short(exc: Exception) -> str:
