@@ -1,6 +1,7 @@
 """`edgeguide-server`: the operator's command line (serve, register, deploy, list, export the key, demo).
 
-Every subcommand works on the registry in `--data-dir`. `deploy` records a deployment that a
+Every subcommand works on the registry in `--data-dir`; this module parses and dispatches, the
+commands live in `server.commands` by group (deploying, listing, admin). `deploy` records a deployment that a
 running `serve` picks up within a second; with `--broker` it runs the server itself until the
 deployment ends, so one command is enough on a machine with no `serve` running. Listings print
 a table on a terminal, full untruncated columns when piped, and JSON with `--json`.
@@ -9,7 +10,6 @@ a table on a terminal, full untruncated columns when piped, and JSON with `--jso
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -19,7 +19,13 @@ from typing import Any
 
 from protocol.limits import DEFAULT_LIMITS
 from protocol.redact import redact_text, redact_url
-from server import cli_output as out
+from server.commands.admin import cmd_demo, cmd_export_key, cmd_register, cmd_unregister
+from server.commands.common import DEFAULT_BROKER, EXIT_OK, EXIT_USAGE
+from server.commands.common import deployer_config as _deployer_config
+from server.commands.common import open_registry as _registry
+from server.commands.common import server_config as _server_config
+from server.commands.deploying import cmd_cancel, cmd_deploy, cmd_rollout
+from server.commands.listing import cmd_deployments, cmd_devices, cmd_logs, cmd_models, cmd_rollouts
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -27,9 +33,7 @@ ENV_DATA_DIR = "EDGEGUIDE_DATA_DIR"
 ENV_BROKER = "EDGEGUIDE_BROKER"
 ENV_BROKER_URL = "EDGEGUIDE_BROKER_URL"  # the agent's older name, accepted here too
 ENV_DATABASE = "EDGEGUIDE_DATABASE"
-DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT = 0, 1, 2, 3
 EXIT_CODES = """exit codes:
   0    success (listing printed, deployment promoted, rollout completed)
   1    the operation ran and failed (deployment rejected, rolled back, timed out or cancelled;
@@ -62,15 +66,6 @@ def _default_data_dir() -> Path:
     return Path(os.environ.get(ENV_DATA_DIR) or DEFAULT_DATA_DIR)
 
 
-def _registry(args: argparse.Namespace, data_dir: Path):
-    """The registry in `data_dir`, on PostgreSQL when --database/EDGEGUIDE_DATABASE gives a URL."""
-    from server.db import open_database
-    from server.registry import Registry
-
-    url = getattr(args, "database", None)
-    return Registry(data_dir, db=open_database(url) if url else None)
-
-
 def _model_ref(text: str) -> tuple[str, int | None]:
     """`MODEL`, `MODEL@VERSION` (as printed) or `MODEL:VERSION`."""
     at, colon = text.rfind("@"), text.rfind(":")
@@ -95,6 +90,8 @@ def _versioned_ref(text: str) -> tuple[str, int]:
 # Options every subcommand accepts before or after its name. Parsers get them with SUPPRESS
 # defaults (so a subcommand's parser never overwrites what the top level parsed); main() fills
 # in the defaults afterwards.
+
+
 _GLOBAL_DEFAULTS: dict[str, Any] = {"data_dir": None, "database": None, "verbose": 0, "log_level": None,
                                     "json": False, "broker": None}
 
@@ -300,45 +297,6 @@ def _setup_logging(args: argparse.Namespace) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def _server_config(args: argparse.Namespace, one_shot: bool = False):
-    from server.service import ServerConfig
-
-    client_id = args.client_id or (f"edgeguide-deploy-{os.getpid()}" if one_shot else "edgeguide-server")
-    return ServerConfig(broker_url=args.broker or DEFAULT_BROKER, client_id=client_id,
-                        clean_start=one_shot and not args.client_id,
-                        topic_prefix=args.topic_prefix, protocol=args.protocol, username=args.username,
-                        password=args.password, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
-                        # A one-off process must see every reply itself: in the $share group the broker could
-                        # hand the device's report to a stopped `serve` session that queues it for later.
-                        shared_subscription=not (args.no_shared_subscription or one_shot))
-
-
-def _deployer_config(args: argparse.Namespace):
-    from server.deployer import DeployerConfig
-
-    return DeployerConfig(chunk_size=args.chunk_size, deadline_s=args.deadline, max_resends=args.max_resends)
-
-
-def _offline_deployer(registry: Any, data_dir: Path, args: argparse.Namespace | None = None):
-    """A deployer that records in the registry but cannot publish (no broker in this process)."""
-    from server import keys
-    from server.deployer import Deployer
-    from server.policy import load_policy
-
-    policy_file = getattr(args, "policy", None)
-    return Deployer(registry, keys.server_key(data_dir), _no_publish, policy=load_policy(policy_file),
-                    config=_deployer_config(args) if args is not None and hasattr(args, "chunk_size") else None)
-
-
-def _no_publish(topic: str, payload: bytes) -> None:
-    raise RuntimeError(f"this process has no broker connection (tried to publish on {topic!r})")
-
-
-def _say(args: argparse.Namespace, text: str) -> None:
-    """Progress for people: stdout in text mode, stderr with --json (stdout holds only the JSON)."""
-    print(text, file=sys.stderr if args.json else sys.stdout, flush=True)
-
-
 def cmd_serve(args: argparse.Namespace, data_dir: Path) -> int:
     import signal
 
@@ -382,322 +340,6 @@ def cmd_serve(args: argparse.Namespace, data_dir: Path) -> int:
             dashboard.stop()
         server.stop()
     return EXIT_OK
-
-
-def cmd_register(args: argparse.Namespace, data_dir: Path) -> int:
-    record = _registry(args, data_dir).register(args.artifact_dir, model_id=args.model_id)
-    if args.json:
-        out.print_json(out.artifact_dict(record))
-        return EXIT_OK
-    m = record.metrics
-    hr10 = m.get("hr10")
-    tflite = m.get("tflite_bytes")
-    print(f"registered {record.id}: {record.size} bytes packed, sha256 {record.sha256}"
-          f" (HR@10 {f'{hr10:.3f}' if isinstance(hr10, float) else 'n/a'}, tflite "
-          f"{out.human_bytes(tflite) if isinstance(tflite, int) else 'n/a'}); "
-          f"deploy it with `edgeguide-server deploy {record.id} --device DEVICE`")
-    return EXIT_OK
-
-
-def cmd_unregister(args: argparse.Namespace, data_dir: Path) -> int:
-    model_id, version = args.model
-    record = _registry(args, data_dir).unregister(model_id, version)
-    if args.json:
-        out.print_json({"unregistered": record.id})
-    else:
-        print(f"unregistered {record.id}: it can no longer be deployed; its past deployments stay listed")
-    return EXIT_OK
-
-
-def _print_outcome(args: argparse.Namespace, registry: Any, final: Any) -> None:
-    folder = out.report_dir(registry.reports_dir, final.deployment_id)
-    if args.json:
-        out.print_json(out.deployment_dict(final, registry.reports_dir))
-        return
-    for check in (final.verdict or {}).get("checks", []):
-        print("  " + out.safe(out.check_line(check)))
-    print(out.safe(f"{final.deployment_id}: {final.status} - {final.reason}"))
-    if folder is not None:
-        print(f"report: {folder}")
-
-
-def cmd_deploy(args: argparse.Namespace, data_dir: Path) -> int:
-    from server.policy import load_policy
-    from server.service import EdgeGuideServer, wait_for_deployment
-
-    model_id, version = args.model
-    registry = _registry(args, data_dir)
-    policy = load_policy(args.policy)
-    server = None
-    if args.broker:
-        server = EdgeGuideServer(registry, _server_config(args, one_shot=True), policy=policy,
-                                 deployer_config=_deployer_config(args))
-        server.start()
-        try:
-            record = server.deploy(model_id, args.device, version=version, policy=policy, force=args.force,
-                                   chunk_size=args.chunk_size, wait_seen_s=3.0)
-        except BaseException:
-            server.stop()
-            raise
-    else:
-        record = _offline_deployer(registry, data_dir, args).create(model_id, args.device, version=version,
-                                                                    policy=policy, force=args.force,
-                                                                    chunk_size=args.chunk_size)
-    _say(args, f"deployment {record.deployment_id}: {record.model_id}@{record.version} -> {record.device_id} "
-               f"({record.status})")
-    try:
-        if not (args.wait or server):
-            if args.json:
-                out.print_json(out.deployment_dict(record))
-            else:
-                print("a running `edgeguide-server serve` will perform it; follow it with "
-                      f"`edgeguide-server deployments show {record.deployment_id}`")
-            return EXIT_OK
-        if server is None:
-            _say(args, "waiting for a running `edgeguide-server serve` to perform it ...")
-        final = wait_for_deployment(registry, record.deployment_id, args.timeout,
-                                    on_change=lambda d: _say(args, f"  {d.status} {d.reason}".rstrip()))
-    except TimeoutError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        if args.json:
-            out.print_json({**out.deployment_dict(registry.deployment(record.deployment_id), registry.reports_dir),
-                            "error": str(exc)})
-        return EXIT_TIMEOUT
-    finally:
-        if server is not None:
-            server.stop()
-    _print_outcome(args, registry, final)
-    return EXIT_OK if final.status == "promoted" else EXIT_FAILED
-
-
-def cmd_rollout(args: argparse.Namespace, data_dir: Path) -> int:
-    from server.policy import load_policy
-    from server.rollout import RolloutManager, load_plan, make_plan, parse_group
-    from server.service import EdgeGuideServer
-
-    model_id, version = args.model
-    registry = _registry(args, data_dir)
-    known = [d.device_id for d in registry.devices()]
-    if args.plan:
-        plan = load_plan(args.plan, known)
-    else:
-        devices = [d.strip() for d in args.devices.split(",") if d.strip()] if args.devices else known
-        plan = make_plan([parse_group(g) for g in args.group], devices, args.waves, args.max_failure_pct)
-    policy = load_policy(args.policy) if args.policy else None
-    server = None
-    if args.broker:
-        server = EdgeGuideServer(registry, _server_config(args, one_shot=True), policy=load_policy(args.policy),
-                                 deployer_config=_deployer_config(args)).start()
-        manager = server.rollouts
-    else:
-        manager = RolloutManager(registry, _offline_deployer(registry, data_dir, args))
-    try:
-        rollout = manager.create(model_id, plan, version=version, policy=policy)
-        for stage in plan.stages:
-            _say(args, f"  {stage.name}: {', '.join(stage.devices)}")
-        for device, member in rollout.devices.items():
-            if member["outcome"] == "skipped":
-                _say(args, f"  skip {device}: {member['detail']}")
-        _say(args, f"rollout {rollout.rollout_id}: {rollout.model_id}@{rollout.version} in {len(plan.stages)} "
-                   f"stages, stop above {plan.max_failure_pct:g} % failures")
-        if not (args.wait or server):
-            if args.json:
-                out.print_json(out.rollout_dict(rollout))
-            else:
-                print("a running `edgeguide-server serve` will perform it; follow it with `edgeguide-server "
-                      "rollouts`")
-            return EXIT_OK
-        deadline = time.monotonic() + args.timeout
-        last = None
-        while not rollout.finished:
-            if (rollout.status, rollout.stage) != last:
-                last = (rollout.status, rollout.stage)
-                _say(args, f"  {rollout.status} stage {rollout.stage} {rollout.reason}".rstrip())
-            if time.monotonic() > deadline:
-                print(f"error: rollout {rollout.rollout_id} still {rollout.status} after {args.timeout:.0f} s"
-                      f"{_rollout_stall(registry, rollout)}", file=sys.stderr)
-                if args.json:
-                    out.print_json({**out.rollout_dict(rollout), "error": "timeout"})
-                return EXIT_TIMEOUT
-            time.sleep(0.5)
-            rollout = manager.get(rollout.rollout_id)
-    finally:
-        if server is not None:
-            server.stop()
-    if args.json:
-        out.print_json(out.rollout_dict(rollout))
-    else:
-        for device, member in rollout.devices.items():
-            print(out.safe(f"  {device}: {member['outcome'] or '-'} {member['detail']}".rstrip()))
-        print(out.safe(f"{rollout.rollout_id}: {rollout.status} - {rollout.reason}"))
-    return EXIT_OK if rollout.status == "completed" else EXIT_FAILED
-
-
-def _rollout_stall(registry: Any, rollout: Any) -> str:
-    from server.service import stall_reason
-
-    for member in rollout.devices.values():
-        if member["outcome"] is None and member["deployment_id"] not in (None, "claiming"):
-            return f": {member['device_id']}: " + stall_reason(registry, registry.deployment(member["deployment_id"]))
-    seen = registry.last_server_seen()
-    if seen is None or time.time() - seen > 15:
-        return ": no server heartbeat seen: no `edgeguide-server serve` runs on this registry"
-    return ""
-
-
-def cmd_rollouts(args: argparse.Namespace, data_dir: Path) -> int:
-    from server.rollout import RolloutManager
-
-    registry = _registry(args, data_dir)
-    rollouts = RolloutManager(registry, _offline_deployer(registry, data_dir)).rollouts()
-    if args.json:
-        out.print_json([out.rollout_dict(r) for r in rollouts])
-        return EXIT_OK
-    tty = out.is_tty()
-    rows = []
-    for r in rollouts:
-        outcomes = ", ".join(f"{d}={m['outcome'] or ('-' if m['deployment_id'] is None else 'running')}"
-                             for d, m in r.devices.items())
-        rows.append([r.rollout_id, f"{r.model_id}@{r.version}", r.status,
-                     f"{r.stage + 1}/{len(r.plan.stages)} {r.plan.stages[r.stage].name}", outcomes,
-                     r.reason[:80] if tty else r.reason])
-    out.print_table(["rollout", "model", "status", "stage", "devices (outcome)", "reason"], rows)
-    return EXIT_OK
-
-
-def cmd_devices(args: argparse.Namespace, data_dir: Path) -> int:
-    registry = _registry(args, data_dir)
-    if getattr(args, "devices_action", None) == "remove":
-        device = registry.remove_device(args.device_id)
-        if args.json:
-            out.print_json({"removed": device.device_id})
-        else:
-            print(f"removed device {device.device_id} (its deployments stay listed; a running agent re-appears)")
-        return EXIT_OK
-    devices = registry.devices()
-    if args.json:
-        out.print_json([out.device_dict(d) for d in devices])
-        return EXIT_OK
-    rows = [[d.device_id, d.status, f"{d.active_model_id}@{d.active_version}" if d.active_model_id else "-",
-             d.runtime_key or "-", out.local_time(d.last_seen), d.last_error or ""] for d in devices]
-    out.print_table(["device", "status", "active model", "runtime", "last seen", "last error"], rows)
-    return EXIT_OK
-
-
-def cmd_deployments(args: argparse.Namespace, data_dir: Path) -> int:
-    registry = _registry(args, data_dir)
-    if getattr(args, "deployments_action", None) == "show":
-        return _show_deployment(args, registry)
-    deps = registry.deployments(active_only=args.active, device_id=args.device, limit=args.limit)
-    if args.json:
-        out.print_json([out.deployment_dict(d) for d in deps])
-        return EXIT_OK
-    tty = out.is_tty()
-    rows = [[d.deployment_id, d.device_id, f"{d.model_id}@{d.version}", d.status,
-             (d.verdict or {}).get("verdict", "-"), out.local_time(d.created), d.reason[:80] if tty else d.reason]
-            for d in deps]
-    out.print_table(["deployment", "device", "model", "status", "verdict", "created", "reason"], rows)
-    return EXIT_OK
-
-
-def _show_deployment(args: argparse.Namespace, registry: Any) -> int:
-    from server.service import stall_reason
-
-    dep = registry.deployment(args.deployment_id)
-    info = out.deployment_dict(dep, registry.reports_dir)
-    if not dep.terminal:
-        info["waiting_on"] = stall_reason(registry, dep)
-    events = registry.events(deployment_id=dep.deployment_id, limit=200)
-    info["events"] = [{"ts": out.iso(e["ts"]), "kind": e["kind"], "detail": e["detail"]} for e in events]
-    if args.json:
-        out.print_json(info)
-        return EXIT_OK
-    for key in ("deployment_id", "device_id", "model", "status", "reason", "verdict", "created", "updated",
-                "report_dir", "waiting_on"):
-        if info.get(key) not in (None, ""):
-            print(f"{key + ':':15s} {out.safe(info[key])}")
-    if info["checks"]:
-        print("checks:")
-        for check in info["checks"]:
-            print("  " + out.safe(out.check_line(check)))
-    print("events:")
-    for e in events:
-        print(out.safe(f"  {out.local_time(e['ts'])} {e['kind']} {e['detail']}".rstrip()))
-    return EXIT_OK
-
-
-def cmd_cancel(args: argparse.Namespace, data_dir: Path) -> int:
-    from server.service import EdgeGuideServer
-
-    registry = _registry(args, data_dir)
-    if args.broker:
-        with EdgeGuideServer(registry, _server_config(args, one_shot=True)) as server:
-            dep = server.deployer.cancel(args.deployment_id, notify=True)
-    else:
-        dep = _offline_deployer(registry, data_dir).cancel(args.deployment_id, notify=False)
-    if args.json:
-        out.print_json(out.deployment_dict(dep))
-    else:
-        print(out.safe(f"{dep.deployment_id}: {dep.status} - {dep.reason}"))
-    return EXIT_OK
-
-
-def cmd_models(args: argparse.Namespace, data_dir: Path) -> int:
-    artifacts = _registry(args, data_dir).artifacts()
-    if args.json:
-        out.print_json([out.artifact_dict(a) for a in artifacts])
-        return EXIT_OK
-    rows = []
-    for a in artifacts:
-        m = a.metrics
-        hr = m.get("hr10")
-        rows.append([a.id, str(a.size), str(m.get("tflite_bytes", "-")), f"{hr:.3f}" if isinstance(hr, float) else "-",
-                     ",".join(m.get("techniques") or []) or "-", out.local_time(a.created)])
-    out.print_table(["model", "packed bytes", "tflite bytes", "HR@10", "techniques", "registered"], rows)
-    return EXIT_OK
-
-
-def cmd_logs(args: argparse.Namespace, data_dir: Path) -> int:
-    registry = _registry(args, data_dir)
-    rows = registry.events(device_id=args.device, deployment_id=args.deployment, limit=1_000_000)[-args.limit:]
-    last_id = rows[-1]["id"] if rows else 0
-    while True:
-        for e in rows:
-            entry = {"ts": out.iso(e["ts"]), "device_id": e["device_id"], "deployment_id": e["deployment_id"],
-                     "kind": e["kind"], "detail": e["detail"]}
-            if args.json:  # one JSON object per line, so -f output can be streamed
-                print(json.dumps(entry, sort_keys=True), flush=True)
-            else:
-                print(out.safe(f"{out.local_time(e['ts'])} {e['kind']:24s} {e['device_id'] or '-'} "
-                               f"{e['deployment_id'] or '-'} {e['detail']}".rstrip()), flush=True)
-            last_id = max(last_id, e["id"])
-        if not args.follow:
-            return EXIT_OK
-        time.sleep(0.5)
-        rows = [e for e in registry.events(device_id=args.device, deployment_id=args.deployment, limit=1_000_000)
-                if e["id"] > last_id]
-
-
-def cmd_export_key(args: argparse.Namespace, data_dir: Path) -> int:
-    from protocol import signing
-    from server.keys import export_public_key
-
-    written = export_public_key(data_dir, args.out)
-    fingerprint = signing.fingerprint(signing.load_public_key(written))
-    if args.json:
-        out.print_json({"path": str(written), "fingerprint": fingerprint})
-    else:
-        print(f"wrote the server public key to {written} (fingerprint {fingerprint}); start agents with "
-              f"--server-key {written}")
-    return EXIT_OK
-
-
-def cmd_demo(args: argparse.Namespace, _data_dir: Path) -> int:
-    from server.demo import DemoOptions, run_demo
-
-    return run_demo(DemoOptions(full=args.full, broker=args.broker, max_customers=args.max_customers,
-                                workdir=args.workdir, measure_mode=args.measure_mode, verbose=args.verbose,
-                                keep=args.keep))
 
 
 COMMANDS = {"serve": cmd_serve, "register": cmd_register, "unregister": cmd_unregister, "deploy": cmd_deploy,

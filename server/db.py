@@ -57,6 +57,9 @@ class Database(Protocol):
     def close(self) -> None:
         """Release the connection."""
 
+    def sqlalchemy_url(self) -> str:
+        """The same database as a SQLAlchemy URL (schema migrations open their own connection)."""
+
 
 class _LockedConnection:
     """execute/query over one DB-API connection, serialised by a lock (connections are not thread safe)."""
@@ -99,6 +102,9 @@ class SqliteDatabase(_LockedConnection):
             self._conn.execute("PRAGMA synchronous=NORMAL")
             self._conn.execute("PRAGMA foreign_keys=ON")
         _LOGGER.debug("opened sqlite registry %s", self.path)
+
+    def sqlalchemy_url(self) -> str:
+        return f"sqlite:///{self.path.resolve()}"
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
@@ -155,6 +161,10 @@ class PostgresDatabase(_LockedConnection):
                                        f"{str(exc).strip()}") from exc
         self._lock = threading.RLock()
         _LOGGER.debug("opened postgres registry %s", _redact(url))
+
+    def sqlalchemy_url(self) -> str:
+        """psycopg 3 through SQLAlchemy's `postgresql+psycopg` dialect."""
+        return "postgresql+psycopg://" + self.url.split("://", 1)[1]
 
     @contextmanager
     def transaction(self) -> Iterator[None]:

@@ -161,7 +161,8 @@ def _quality_summary(float_metrics: dict, int8_metrics: dict) -> str:
     pop = (base.get("popularity") or {}).get("hr10")
     knn = (base.get("itemknn_tuned") or base.get("itemknn") or {}).get("hr10")
     hr, ref = int8_metrics.get("hr10"), float_metrics.get("hr10")
-    if not all(isinstance(v, int | float) and v > 0 for v in (pop, knn, hr, ref)):
+    if not (isinstance(pop, int | float) and isinstance(knn, int | float) and isinstance(hr, int | float)
+            and isinstance(ref, int | float) and min(pop, knn, hr, ref) > 0):
         return "quality figures incomplete in metrics.json"
     return (f"int8 HR@10 {hr:.4f}: {hr / pop:.1f}x the popularity baseline, {100 * (hr / knn - 1):+.1f}% vs "
             f"tuned item-to-item, {100 * (hr / ref - 1):+.1f}% vs its float32 reference; "

@@ -53,7 +53,8 @@ def _figure(report: dict[str, Any], limit: Limit) -> tuple[float | None, str]:
     """The figure a limit is compared with, and a note when it is unavailable."""
     spec = limit.spec
     if limit.name == "energy_mj_per_inference":
-        energy = report.get("energy") if isinstance(report.get("energy"), dict) else {}
+        found = report.get("energy")
+        energy: dict[str, Any] = found if isinstance(found, dict) else {}
         if energy.get("available") is False:
             return None, f"energy not measured: {energy.get('reason') or energy.get('source') or 'no source'}"
     raw = _lookup(report, spec.figure)

@@ -10,159 +10,34 @@ resumes the rollout where it was and never re-sends a finished device's deployme
 
 from __future__ import annotations
 
-import json
 import logging
 import secrets
-import time
-import tomllib
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from protocol import names
-from protocol.errors import ProtocolError
 from server.deployer import Deployer, DeployError
 from server.policy import Policy
-from server.registry import Registry, RegistryError
+from server.registry import Registry
+from server.rollout_plan import (
+    ABORTED,
+    CLAIM,
+    COMPLETED,
+    FINISHED,
+    ROLLING_BACK,
+    RUNNING,
+    SKIPPED,
+    RolloutError,
+    RolloutPlan,
+    RolloutRecord,
+    Stage,
+    load_plan,
+    make_plan,
+    parse_group,
+)
 
 _LOGGER = logging.getLogger(__name__)
 
-RUNNING, ROLLING_BACK, ABORTED, COMPLETED = "running", "rolling_back", "aborted", "completed"
-FINISHED = frozenset({ABORTED, COMPLETED})
-SKIPPED = "skipped"  # a device outcome: it already ran the version, nothing was sent
-_CLAIM = "claiming"  # placeholder deployment id while one process creates the device's deployment
-
-_SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS rollouts (
-        rollout_id TEXT PRIMARY KEY,
-        model_id TEXT NOT NULL,
-        version INTEGER NOT NULL,
-        plan TEXT NOT NULL,
-        policy TEXT,
-        status TEXT NOT NULL,
-        stage INTEGER NOT NULL,
-        reason TEXT NOT NULL DEFAULT '',
-        created DOUBLE PRECISION NOT NULL,
-        updated DOUBLE PRECISION NOT NULL)""",
-    """CREATE TABLE IF NOT EXISTS rollout_devices (
-        rollout_id TEXT NOT NULL REFERENCES rollouts(rollout_id),
-        device_id TEXT NOT NULL,
-        stage INTEGER NOT NULL,
-        deployment_id TEXT,
-        outcome TEXT,
-        detail TEXT NOT NULL DEFAULT '',
-        PRIMARY KEY (rollout_id, device_id))""",
-)
-
-
-class RolloutError(ValueError):
-    """A rollout plan is invalid or names something that does not exist."""
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One step of a rollout: a named group of devices deployed together."""
-
-    name: str
-    devices: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class RolloutPlan:
-    """Ordered stages and the failure share (percent of a stage) that stops the rollout."""
-
-    stages: tuple[Stage, ...]
-    max_failure_pct: float = 20.0
-
-    def __post_init__(self) -> None:
-        if not self.stages:
-            raise RolloutError("a rollout plan needs at least one stage with devices")
-        if not 0.0 <= self.max_failure_pct <= 100.0:
-            raise RolloutError(f"max_failure_pct must be in [0, 100], got {self.max_failure_pct}")
-        seen: dict[str, str] = {}
-        for stage in self.stages:
-            if not stage.devices:
-                raise RolloutError(f"stage {stage.name!r} has no devices")
-            for device in stage.devices:
-                try:
-                    names.device_id(device)
-                except ProtocolError as exc:
-                    raise RolloutError(f"stage {stage.name!r}: {exc}") from exc
-                if device in seen:
-                    raise RolloutError(f"device {device!r} is in stage {seen[device]!r} and again in {stage.name!r}")
-                seen[device] = stage.name
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"max_failure_pct": self.max_failure_pct,
-                "stages": [{"name": s.name, "devices": list(s.devices)} for s in self.stages]}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RolloutPlan:
-        return cls(tuple(Stage(s["name"], tuple(s["devices"])) for s in data["stages"]),
-                   float(data.get("max_failure_pct", 20.0)))
-
-
-def make_plan(groups: list[tuple[str, list[str]]], devices: list[str], waves: int,
-              max_failure_pct: float = 20.0) -> RolloutPlan:
-    """Named groups first (in order), then `devices` not in any group split into `waves` near-equal waves."""
-    if waves < 1:
-        raise RolloutError(f"waves must be >= 1, got {waves}")
-    grouped = {d for _name, members in groups for d in members}
-    rest = [d for d in dict.fromkeys(devices) if d not in grouped]
-    stages = [Stage(name, tuple(members)) for name, members in groups]
-    count = min(waves, len(rest))
-    for i in range(count):
-        # Wave i gets devices i*n/count .. (i+1)*n/count: sizes differ by at most one.
-        part = rest[i * len(rest) // count:(i + 1) * len(rest) // count]
-        stages.append(Stage(f"wave-{i + 1}", tuple(part)))
-    return RolloutPlan(tuple(stages), max_failure_pct)
-
-
-def parse_group(text: str) -> tuple[str, list[str]]:
-    """`canary=dev1,dev2` -> ("canary", ["dev1", "dev2"])."""
-    name, sep, members = text.partition("=")
-    devices = [d.strip() for d in members.split(",") if d.strip()]
-    if not sep or not name.strip() or not devices:
-        raise RolloutError(f"a group is NAME=DEV1,DEV2,..., got {text!r}")
-    return name.strip(), devices
-
-
-def load_plan(path: Path, known_devices: list[str]) -> RolloutPlan:
-    """A TOML plan: `max_failure_pct`, `waves`, optional `devices` (default: every known device) and
-    `[[group]] name = ..., devices = [...]` tables that run first, in file order."""
-    try:
-        data = tomllib.loads(Path(path).read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise RolloutError(f"cannot read rollout plan {path}: {exc}") from exc
-    unknown = set(data) - {"max_failure_pct", "waves", "devices", "group"}
-    if unknown:
-        raise RolloutError(f"rollout plan {path}: unknown keys {sorted(unknown)}")
-    groups = []
-    for entry in data.get("group", []):
-        if not isinstance(entry, dict) or "name" not in entry or not isinstance(entry.get("devices"), list):
-            raise RolloutError(f"rollout plan {path}: each [[group]] needs name and a devices list, got {entry!r}")
-        groups.append((str(entry["name"]), [str(d) for d in entry["devices"]]))
-    return make_plan(groups, [str(d) for d in data.get("devices", known_devices)], int(data.get("waves", 1)),
-                     float(data.get("max_failure_pct", 20.0)))
-
-
-@dataclass(frozen=True)
-class RolloutRecord:
-    """A rollout as stored: its plan, where it is, and each device's deployment and outcome."""
-
-    rollout_id: str
-    model_id: str
-    version: int
-    plan: RolloutPlan
-    policy: dict[str, Any] | None
-    status: str
-    stage: int
-    reason: str
-    devices: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-    @property
-    def finished(self) -> bool:
-        return self.status in FINISHED
+__all__ = ["ABORTED", "COMPLETED", "FINISHED", "ROLLING_BACK", "RUNNING", "SKIPPED", "RolloutError", "RolloutManager",
+           "RolloutPlan", "RolloutRecord", "Stage", "load_plan", "make_plan", "parse_group"]
 
 
 class RolloutManager:
@@ -171,64 +46,18 @@ class RolloutManager:
     def __init__(self, registry: Registry, deployer: Deployer) -> None:
         self.registry = registry
         self.deployer = deployer
-        self.db = registry.db
-        for statement in _SCHEMA:
-            self.db.execute(statement)
 
     # ---- creation and reading --------------------------------------------------------------
     def create(self, model_id: str, plan: RolloutPlan, *, version: int | None = None,
                policy: Policy | None = None) -> RolloutRecord:
-        """Record a running rollout of `model_id` (latest version unless given); a server tick starts it."""
-        artifact = self.registry.artifact(model_id, version)
-        unknown = [d for stage in plan.stages for d in stage.devices if self.registry.find_device(d) is None]
-        if unknown:
-            known = [d.device_id for d in self.registry.devices()]
-            raise RolloutError("refusing the rollout: " + "; ".join(
-                f"device {d!r} has never been seen (start its agent first)" for d in unknown)
-                + f". Known devices: {known or 'none'}")
-        skipped = {d: why for stage in plan.stages for d in stage.devices
-                   if (why := self._already_on(d, artifact.model_id, artifact.version))}
-        rollout_id = f"r-{secrets.token_hex(6)}"
-        now = time.time()
-        with self.db.transaction():
-            self.db.execute(
-                "INSERT INTO rollouts (rollout_id, model_id, version, plan, policy, status, stage, created, updated)"
-                " VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?)",
-                (rollout_id, artifact.model_id, artifact.version, json.dumps(plan.to_dict()),
-                 json.dumps(policy.to_dict()) if policy else None, RUNNING, now, now))
-            for index, stage in enumerate(plan.stages):
-                for device in stage.devices:
-                    self.db.execute("INSERT INTO rollout_devices (rollout_id, device_id, stage, outcome, detail)"
-                                    " VALUES (?, ?, ?, ?, ?)", (rollout_id, device, index,
-                                                                SKIPPED if device in skipped else None,
-                                                                skipped.get(device, "")))
-        summary = ", ".join(f"{s.name}={len(s.devices)}" for s in plan.stages)
-        self.registry.log_event("rollout:created", detail=f"{rollout_id} {artifact.id} stages {summary} "
-                                                          f"max_failure_pct={plan.max_failure_pct}")
-        _LOGGER.info("rollout %s of %s created: %s", rollout_id, artifact.id, summary)
-        return self.get(rollout_id)
-
-    def _already_on(self, device_id: str, model_id: str, version: int) -> str | None:
-        """Why `device_id` needs no deployment (it runs this version already), or None."""
-        device = self.registry.find_device(device_id)
-        if device is not None and (device.active_model_id, device.active_version) == (model_id, version):
-            return f"skipped: already runs {model_id}@{version}"
-        return None
+        """Record a running rollout (see `create_rollout`); the next tick starts it."""
+        return create_rollout(self.registry, model_id, plan, version=version, policy=policy)
 
     def get(self, rollout_id: str) -> RolloutRecord:
-        rows = self.db.query("SELECT * FROM rollouts WHERE rollout_id = ?", (rollout_id,))
-        if not rows:
-            raise RegistryError(f"no rollout {rollout_id!r}")
-        row = rows[0]
-        devices = {d["device_id"]: d for d in self.db.query(
-            "SELECT * FROM rollout_devices WHERE rollout_id = ? ORDER BY stage, device_id", (rollout_id,))}
-        return RolloutRecord(row["rollout_id"], row["model_id"], int(row["version"]),
-                             RolloutPlan.from_dict(json.loads(row["plan"])),
-                             json.loads(row["policy"]) if row["policy"] else None, row["status"], int(row["stage"]),
-                             row["reason"], devices)
+        return self.registry.rollout(rollout_id)
 
     def rollouts(self) -> list[RolloutRecord]:
-        return [self.get(r["rollout_id"]) for r in self.db.query("SELECT rollout_id FROM rollouts ORDER BY created")]
+        return self.registry.rollouts()
 
     def abort(self, rollout_id: str, reason: str) -> RolloutRecord:
         """Stop a running rollout now (an operator's call): no later stage starts, the current stage's
@@ -254,8 +83,8 @@ class RolloutManager:
     # ---- progress --------------------------------------------------------------------------
     def tick(self) -> None:
         """Advance every unfinished rollout by one step (called from the server's worker thread)."""
-        for row in self.db.query("SELECT rollout_id FROM rollouts WHERE status IN (?, ?)", (RUNNING, ROLLING_BACK)):
-            self._advance(self.get(row["rollout_id"]))
+        for rollout in self.registry.rollouts(unfinished_only=True):
+            self._advance(rollout)
 
     def _advance(self, rollout: RolloutRecord) -> None:
         members = [d for d in rollout.devices.values() if d["stage"] == rollout.stage]
@@ -292,14 +121,11 @@ class RolloutManager:
 
     def _start_device(self, rollout: RolloutRecord, device_id: str) -> None:
         # Claim the row first: with several server processes, exactly one creates the deployment.
-        if self.db.execute("UPDATE rollout_devices SET deployment_id = ? WHERE rollout_id = ? AND device_id = ?"
-                           " AND deployment_id IS NULL AND outcome IS NULL",
-                           (_CLAIM, rollout.rollout_id, device_id)) != 1:
+        if not self.registry.claim_rollout_device(rollout.rollout_id, device_id):
             return
-        why = self._already_on(device_id, rollout.model_id, rollout.version)
+        why = already_on(self.registry, device_id, rollout.model_id, rollout.version)
         if why:  # promoted since the rollout was created (e.g. by a plain deploy)
-            self.db.execute("UPDATE rollout_devices SET deployment_id = NULL, outcome = ?, detail = ?"
-                            " WHERE rollout_id = ? AND device_id = ?", (SKIPPED, why, rollout.rollout_id, device_id))
+            self.registry.settle_rollout_device(rollout.rollout_id, device_id, SKIPPED, why)
             return
         policy = Policy.from_dict(rollout.policy) if rollout.policy else None
         try:
@@ -308,14 +134,12 @@ class RolloutManager:
             rows = self.registry.deployments(device_id=device_id, limit=1)
             dep_id = rows[0].deployment_id if rows and rows[0].status == "rejected" and \
                 rows[0].version == rollout.version else None
-            self.db.execute("UPDATE rollout_devices SET deployment_id = ?, outcome = 'failed', detail = ?"
-                            " WHERE rollout_id = ? AND device_id = ?",
-                            (dep_id, str(exc)[:500], rollout.rollout_id, device_id))
+            self.registry.settle_rollout_device(rollout.rollout_id, device_id, "failed", str(exc),
+                                                deployment_id=dep_id)
             self.registry.log_event("rollout:device_failed", device_id=device_id, deployment_id=dep_id,
                                     detail=f"{rollout.rollout_id}: {exc}")
             return
-        self.db.execute("UPDATE rollout_devices SET deployment_id = ? WHERE rollout_id = ? AND device_id = ?",
-                        (dep.deployment_id, rollout.rollout_id, device_id))
+        self.registry.attach_rollout_deployment(rollout.rollout_id, device_id, dep.deployment_id)
         self.registry.log_event("rollout:device_started", device_id=device_id, deployment_id=dep.deployment_id,
                                 detail=rollout.rollout_id)
         self.deployer.start(dep.deployment_id)
@@ -323,24 +147,22 @@ class RolloutManager:
     def _collect_outcomes(self, rollout: RolloutRecord) -> None:
         for member in rollout.devices.values():
             dep_id = member["deployment_id"]
-            if member["outcome"] is not None or dep_id in (None, _CLAIM):
+            if member["outcome"] is not None or dep_id in (None, CLAIM):
                 continue
             dep = self.registry.deployment(dep_id)
             if not dep.terminal:
                 continue
             outcome = "promoted" if dep.status == "promoted" else "failed"
-            self.db.execute("UPDATE rollout_devices SET outcome = ?, detail = ? WHERE rollout_id = ? AND device_id = ?"
-                            " AND outcome IS NULL", (outcome, f"{dep.status}: {dep.reason}"[:500],
-                                                     rollout.rollout_id, member["device_id"]))
+            self.registry.settle_rollout_device(rollout.rollout_id, member["device_id"], outcome,
+                                                f"{dep.status}: {dep.reason}", deployment_id=dep_id)
 
     def _roll_back_promoted(self, rollout: RolloutRecord, members: list[dict[str, Any]]) -> None:
         """Tell each promoted device of the failed stage to switch back to its previous model (once)."""
         for member in members:
             if member["outcome"] != "promoted":
                 continue
-            if self.db.execute("UPDATE rollout_devices SET outcome = 'rollback_sent' WHERE rollout_id = ? AND"
-                               " device_id = ? AND outcome = 'promoted'",
-                               (rollout.rollout_id, member["device_id"])) != 1:
+            if not self.registry.settle_rollout_device(rollout.rollout_id, member["device_id"], "rollback_sent", "",
+                                                       expected="promoted"):
                 continue
             self.deployer.send_command(member["device_id"], "rollback", member["deployment_id"])
             self.registry.log_event("rollout:rollback_sent", device_id=member["device_id"],
@@ -349,8 +171,40 @@ class RolloutManager:
                             rollout.model_id, rollout.version)
 
     def _set_status(self, rollout: RolloutRecord, status: str, stage: int, reason: str, *, from_status: str) -> None:
-        if self.db.execute("UPDATE rollouts SET status = ?, stage = ?, reason = ?, updated = ? WHERE rollout_id = ?"
-                           " AND status = ? AND stage = ?",
-                           (status, stage, reason, time.time(), rollout.rollout_id, from_status, rollout.stage)) == 1:
-            self.registry.log_event(f"rollout:{status}", detail=f"{rollout.rollout_id} stage {stage}: {reason}")
+        if rollout.status != from_status:
+            return
+        if self.registry.transition_rollout(rollout, status, stage, reason):
             _LOGGER.info("rollout %s: %s (stage %d) %s", rollout.rollout_id, status, stage, reason)
+
+
+def create_rollout(registry: Registry, model_id: str, plan: RolloutPlan, *, version: int | None = None,
+                   policy: Policy | None = None) -> RolloutRecord:
+    """Record a running rollout of `model_id` (latest version unless given); a server tick starts it.
+
+    Needs no deployer: a command line without a broker records it for a running server.
+    """
+    artifact = registry.artifact(model_id, version)
+    unknown = [d for stage in plan.stages for d in stage.devices if registry.find_device(d) is None]
+    if unknown:
+        known = [d.device_id for d in registry.devices()]
+        raise RolloutError("refusing the rollout: " + "; ".join(
+            f"device {d!r} has never been seen (start its agent first)" for d in unknown)
+            + f". Known devices: {known or 'none'}")
+    skipped = {d: why for stage in plan.stages for d in stage.devices
+               if (why := already_on(registry, d, artifact.model_id, artifact.version))}
+    rollout_id = f"r-{secrets.token_hex(6)}"
+    record = registry.insert_rollout(rollout_id, artifact.model_id, artifact.version, plan,
+                                     policy.to_dict() if policy else None, skipped)
+    summary = ", ".join(f"{s.name}={len(s.devices)}" for s in plan.stages)
+    registry.log_event("rollout:created", detail=f"{rollout_id} {artifact.id} stages {summary} "
+                                                 f"max_failure_pct={plan.max_failure_pct}")
+    _LOGGER.info("rollout %s of %s created: %s", rollout_id, artifact.id, summary)
+    return record
+
+
+def already_on(registry: Registry, device_id: str, model_id: str, version: int) -> str | None:
+    """Why `device_id` needs no deployment (it runs this version already), or None."""
+    device = registry.find_device(device_id)
+    if device is not None and (device.active_model_id, device.active_version) == (model_id, version):
+        return f"skipped: already runs {model_id}@{version}"
+    return None

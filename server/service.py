@@ -1,16 +1,16 @@
 """The running server: one MQTT link, one worker thread, the registry and the deployer.
 
-MQTT callbacks only enqueue; a single worker thread decodes, records and acts, so gating never
-stalls paho's network loop and the registry sees one writer per process (report files are drawn
-on the deployer's own background thread). Anything malformed is logged with its topic and a
+MQTT callbacks only submit jobs; a single `protocol.worker.Worker` thread decodes, records and
+acts, and runs the periodic ticks as its timers, so gating never stalls paho's network loop and
+the registry sees one writer per process (report files are drawn on the deployer's own
+background thread). Anything malformed is logged with its topic and a
 payload preview, recorded in the event log, and dropped: a device can never crash the server.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-import queue
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +20,7 @@ from protocol.messages import DeviceState, Event, Heartbeat, Report
 from protocol.mqtt import MqttLink
 from protocol.redact import redact_url
 from protocol.topics import Topics
+from protocol.worker import Worker
 from server import keys
 from server.deployer import ChunkTransform, Deployer, DeployerConfig
 from server.ingest import DeviceRateLimiter, IngestLimits, bounded
@@ -29,7 +30,8 @@ from server.rollout import RolloutManager
 
 _LOGGER = logging.getLogger(__name__)
 
-_DECODERS = {"state": DeviceState, "heartbeat": Heartbeat, "event": Event, "report": Report}
+_DECODERS: dict[str, type[DeviceState | Heartbeat | Event | Report]] = {
+    "state": DeviceState, "heartbeat": Heartbeat, "event": Event, "report": Report}
 
 
 # How often a running server stamps its row in the registry (`edgeguide-server deploy --wait` reads it).
@@ -75,10 +77,9 @@ class EdgeGuideServer:
                                  policy=policy or load_policy(), config=deployer_config,
                                  chunk_transform=chunk_transform)
         self.rollouts = RolloutManager(registry, self.deployer)
-        # Work for the single worker thread: a received message, a callable, or None to stop.
-        self._inbox: queue.Queue[tuple[str, bytes] | Callable[[], object] | None] = queue.Queue()
-        self._worker: threading.Thread | None = None
-        self._stopping = threading.Event()
+        # The single thread that owns the server's work; a new one per start() (a thread runs once).
+        self._worker = self._new_worker()
+        self._worker_started = False
         self._subscribed = False
         self.malformed = 0
         self.reports_ingested = 0
@@ -88,12 +89,20 @@ class EdgeGuideServer:
         """Connect, subscribe to every device's up topics, resume recorded deployments."""
         # Subscribing from the connect listener runs before paho dispatches any message queued in our
         # persistent session, so nothing that arrived while we were down is dropped unrouted.
+        if self._worker_started:  # a restart after stop(): the old thread has ended for good
+            self._worker = self._new_worker()
+        self._worker_started = True
         self.link.add_connect_listener(self._ensure_subscribed)
         self.link.start(timeout=timeout)
-        self._stopping.clear()
-        self._worker = threading.Thread(target=self._run, name="edgeguide-server-worker", daemon=True)
-        self._worker.start()
+        # Resume first (before the first tick starts pending deployments), in order after any message
+        # the persistent session delivered while we were down.
         self._call(self.deployer.resume)
+        lim = self.ingest_limits
+        self._worker.every(SERVER_ALIVE_S, lambda: self.registry.server_alive(self.config.client_id), "alive")
+        self._worker.every(self.config.tick_s, self.deployer.tick, "tick")
+        self._worker.every(self.config.tick_s, self.rollouts.tick, "rollout tick")
+        self._worker.every(lim.prune_interval_s, self._prune, "prune")
+        self._worker.start()
         _LOGGER.info("server up: broker %s, prefix %r, data dir %s", redact_url(self.config.broker_url),
                      self.topics.prefix,
                      self.registry.data_dir)
@@ -101,11 +110,8 @@ class EdgeGuideServer:
 
     def stop(self) -> None:
         """Stop the worker (after it finishes the current message) and disconnect."""
-        self._stopping.set()
-        self._inbox.put(None)
-        if self._worker is not None:
-            self._worker.join(timeout=30)
-            self._worker = None
+        if not self._worker.stop(timeout=30):
+            _LOGGER.warning("the server worker is still busy after 30 s; stopping the link under it")
         self.deployer.close()
         self.link.stop()
 
@@ -137,9 +143,9 @@ class EdgeGuideServer:
             self.rate_limited += 1
             dropped = self.limiter.take_notice(device)
             if dropped:
-                self._call(lambda d=device[:64], n=dropped: self._record_rate_limited(d, n))
+                self._call(functools.partial(self._record_rate_limited, device[:64], dropped))
             return
-        self._inbox.put((topic, payload))
+        self._worker.submit(lambda: self.handle(topic, payload), topic)
 
     def _record_rate_limited(self, device: str, dropped: int) -> None:
         lim = self.ingest_limits
@@ -157,46 +163,19 @@ class EdgeGuideServer:
                          lim.max_event_age_s / 86400)
 
     # ---- worker ------------------------------------------------------------------------------
+    def _new_worker(self) -> Worker:
+        return Worker("edgeguide-server-worker", on_error=self._record_error, idle_s=self.config.tick_s)
+
     def _call(self, fn: Callable[[], object]) -> None:
         """Run `fn` on the worker thread, in order with the messages (one writer, no races)."""
-        self._inbox.put(fn)
+        self._worker.submit(fn, getattr(fn, "__name__", "call"))
 
-    def _run(self) -> None:
-        next_tick = time.monotonic()
-        next_prune = next_tick
-        next_alive = next_tick
-        while not self._stopping.is_set():
-            try:
-                item = self._inbox.get(timeout=max(0.0, next_tick - time.monotonic()))
-            except queue.Empty:
-                item = ()
-            if item is None:
-                break
-            if callable(item):
-                self._guarded(getattr(item, "__name__", "call"), b"", item)
-            elif item:
-                topic, payload = item
-                self._guarded(topic, payload, lambda t=topic, p=payload: self.handle(t, p))
-            if time.monotonic() >= next_tick:
-                if time.monotonic() >= next_alive:
-                    self._guarded("alive", b"", lambda: self.registry.server_alive(self.config.client_id))
-                    next_alive = time.monotonic() + SERVER_ALIVE_S
-                self._guarded("tick", b"", self.deployer.tick)
-                self._guarded("rollout tick", b"", self.rollouts.tick)
-                next_tick = time.monotonic() + self.config.tick_s
-                if next_tick >= next_prune:
-                    self._guarded("prune", b"", self._prune)
-                    next_prune = time.monotonic() + self.ingest_limits.prune_interval_s
-
-    def _guarded(self, topic: str, payload: bytes, fn: Callable[[], object]) -> None:
+    def _record_error(self, label: str, exc: Exception) -> None:
+        """A bug or a bad message must not stop the worker: it is logged (by the worker) and recorded here."""
         try:
-            fn()
-        except Exception as exc:  # a bug or a bad message must not stop the worker
-            _LOGGER.exception("error handling %r (payload %r)", topic, payload[:200])
-            try:
-                self.registry.log_event("handler_error", detail=f"{topic}: {type(exc).__name__}: {exc}")
-            except Exception:
-                _LOGGER.exception("could not record the handler error")
+            self.registry.log_event("handler_error", detail=f"{label}: {type(exc).__name__}: {exc}")
+        except Exception:
+            _LOGGER.exception("could not record the handler error")
 
     def handle(self, topic: str, payload: bytes) -> None:
         """Decode and dispatch one up message (also callable directly, e.g. from tests)."""

@@ -16,7 +16,7 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from protocol.mqtt import MqttLink  # noqa: E402
-from server.db import open_database  # noqa: E402
+from server.db import Database, open_database  # noqa: E402
 from server.mosquitto import MosquittoBroker, free_port  # noqa: E402
 from server.registry import Registry  # noqa: E402
 
@@ -136,12 +136,17 @@ def _is_root() -> bool:
     return os.geteuid() == 0
 
 
+def reset_postgres(db: Database) -> None:
+    """Drop everything in the session database's public schema: the next registry starts from nothing."""
+    db.execute("DROP SCHEMA public CASCADE")
+    db.execute("CREATE SCHEMA public")
+
+
 @pytest.fixture
 def pg_registry(postgres_url: str, tmp_path: Path) -> Iterator[Registry]:
-    """A registry on the session's PostgreSQL, fresh schema (dropped tables): tests never see each other's rows."""
+    """A registry on the session's PostgreSQL, fresh schema (every table and the schema version dropped)."""
     db = open_database(postgres_url)
-    for table in ("events", "rollout_devices", "rollouts", "deployments", "devices", "artifacts"):
-        db.execute(f"DROP TABLE IF EXISTS {table} CASCADE")
+    reset_postgres(db)
     registry = Registry(tmp_path / "data", db=db)
     yield registry
     registry.close()

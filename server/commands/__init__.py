@@ -1,0 +1,1 @@
+"""The `edgeguide-server` subcommands, one module per group; `server.cli` parses and dispatches to them."""
