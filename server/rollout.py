@@ -16,7 +16,7 @@ from typing import Any
 
 from server.deployer import Deployer, DeployError
 from server.policy import Policy
-from server.registry import Registry
+from server.registry import Registry, RegistryError
 from server.rollout_plan import (
     ABORTED,
     CLAIM,
@@ -67,12 +67,11 @@ class RolloutManager:
         if rollout.status != RUNNING:
             raise RolloutError(f"rollout {rollout_id} is {rollout.status}, not running: nothing to abort")
         self._set_status(rollout, ROLLING_BACK, rollout.stage, f"aborted: {reason}", from_status=RUNNING)
-        self.db.execute("UPDATE rollout_devices SET outcome = ?, detail = ? WHERE rollout_id = ? AND stage = ?"
-                        " AND deployment_id IS NULL AND outcome IS NULL",
-                        (SKIPPED, "not started: the rollout was aborted", rollout_id, rollout.stage))
+        self.registry.skip_unstarted_rollout_devices(rollout_id, rollout.stage, SKIPPED,
+                                                     "not started: the rollout was aborted")
         for member in self.get(rollout_id).devices.values():
             dep_id = member["deployment_id"]
-            if member["stage"] != rollout.stage or member["outcome"] is not None or dep_id in (None, _CLAIM):
+            if member["stage"] != rollout.stage or member["outcome"] is not None or dep_id in (None, CLAIM):
                 continue
             try:
                 self.deployer.cancel(dep_id, notify=True)

@@ -91,6 +91,12 @@ class RolloutTables(EventLog):
         self.db.execute("UPDATE rollout_devices SET deployment_id = ? WHERE rollout_id = ? AND device_id = ?",
                         (deployment_id, rollout_id, device_id))
 
+    def skip_unstarted_rollout_devices(self, rollout_id: str, stage: int, outcome: str, detail: str) -> int:
+        """Settle every device of `stage` that has no deployment and no outcome yet (an aborted rollout)."""
+        return self.db.execute("UPDATE rollout_devices SET outcome = ?, detail = ? WHERE rollout_id = ? AND stage = ?"
+                               " AND deployment_id IS NULL AND outcome IS NULL",
+                               (outcome, detail[:500], rollout_id, stage))
+
     def settle_rollout_device(self, rollout_id: str, device_id: str, outcome: str, detail: str, *,
                               deployment_id: str | None = None, expected: str | None = None) -> bool:
         """Set a device's outcome only while it is `expected` (None: not settled yet); False if it was not.

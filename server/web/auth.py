@@ -106,7 +106,7 @@ class Sessions:
             del self._sessions[key]
 
 
-def csrf_ok(session: Session | None, offered: str | None) -> bool:
+def csrf_ok(session: Session | None, offered: object) -> bool:
     """The form's CSRF token matches the session's (constant-time)."""
     return session is not None and bool(offered) and hmac.compare_digest(str(offered).encode(),
                                                                           session.csrf.encode())

@@ -106,12 +106,18 @@ def _number(value: Any) -> float | None:
         value) else None
 
 
+def _sub(parent: dict[str, Any], key: str) -> dict[str, Any]:
+    """`parent[key]` when it is a JSON object, else {} (device reports are untrusted input)."""
+    value = parent.get(key)
+    return value if isinstance(value, dict) else {}
+
+
 def _figures(report: dict[str, Any] | None) -> dict[str, Any]:
     report = report or {}
-    latency = report.get("latency_ms") if isinstance(report.get("latency_ms"), dict) else {}
-    memory = report.get("memory") if isinstance(report.get("memory"), dict) else {}
-    quality = report.get("quality") if isinstance(report.get("quality"), dict) else {}
-    context = report.get("context") if isinstance(report.get("context"), dict) else {}
+    latency = _sub(report, "latency_ms")
+    memory = _sub(report, "memory")
+    quality = _sub(report, "quality")
+    context = _sub(report, "context")
     cpu = context.get("cpu_model")
     return {"p90_ms": _number(latency.get("p90")), "rss_mib": _number(memory.get("peak_rss_mib")),
             "agreement": _number(quality.get("agreement_at_k")), "cpu_model": cpu if isinstance(cpu, str) else ""}
@@ -125,8 +131,8 @@ def fleet_rows(registry: Registry) -> list[FleetRow]:
             last[dep.device_id] = dep
     rows = []
     for d in registry.devices():
-        dep = last.get(d.device_id)
-        figures = _figures(dep.report if dep else None)
+        newest = last.get(d.device_id)
+        figures = _figures(newest.report if newest else None)
         runtime = d.runtime or {}
         rows.append(FleetRow(
             device_id=d.device_id, online=d.status == "online", status=d.status,
@@ -135,7 +141,7 @@ def fleet_rows(registry: Registry) -> list[FleetRow]:
             active=f"{d.active_model_id}@{d.active_version}" if d.active_model_id else "-",
             last_seen=d.last_seen, p90_ms=figures["p90_ms"], rss_mib=figures["rss_mib"],
             agreement=figures["agreement"], last_error=d.last_error or "",
-            last_deployment=dep.deployment_id if dep else None))
+            last_deployment=newest.deployment_id if newest else None))
     return rows
 
 
@@ -232,8 +238,8 @@ def report_files(registry: Registry, deployment_id: str) -> list[str]:
 
 
 def _histogram(report: dict[str, Any]) -> dict[str, Any] | None:
-    latency = report.get("latency_ms") if isinstance(report.get("latency_ms"), dict) else {}
-    hist = latency.get("histogram") if isinstance(latency.get("histogram"), dict) else {}
+    latency = _sub(report, "latency_ms")
+    hist = _sub(latency, "histogram")
     edges = hist.get("edges_ms", hist.get("edges"))
     counts = hist.get("counts")
     marks = {k: _number(latency.get(k)) for k in ("p50", "p90", "p99")}
@@ -246,7 +252,7 @@ def _histogram(report: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _energy(report: dict[str, Any]) -> str:
-    energy = report.get("energy") if isinstance(report.get("energy"), dict) else {}
+    energy = _sub(report, "energy")
     net = _number(energy.get("net_mj_per_inference"))
     if energy.get("available") and net is not None:
         return f"{net:.4g} mJ per inference (net), source {energy.get('source')}"
@@ -259,7 +265,7 @@ def deployment_view(registry: Registry, deployment_id: str) -> DeploymentView:
     dep = registry.deployment(deployment_id)
     report = dep.report or {}
     timeline = [e for e in registry.events(deployment_id=deployment_id, limit=500)]
-    quality = report.get("quality") if isinstance(report.get("quality"), dict) else {}
+    quality = _sub(report, "quality")
     paired = report.get("paired") if isinstance(report.get("paired"), dict) else None
     return DeploymentView(dep, timeline, list((dep.verdict or {}).get("checks") or []),
                           _histogram(report) if report else None, _energy(report) if report else "no report yet",
