@@ -144,6 +144,10 @@ class MqttLink:
         self._listeners: list[ConnectListener] = []
         self._lock = threading.RLock()
         self._connected = threading.Event()
+        # SUBSCRIBE packet ids the broker has not acknowledged yet, and SUBACKs that beat their bookkeeping.
+        self._subacks = threading.Condition()
+        self._sub_pending: set[int] = set()
+        self._sub_early: set[int] = set()
         self._refused: str | None = None
         self._connecting = False
         self._client: paho.Client | None = None
@@ -192,6 +196,7 @@ class MqttLink:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         self._client = client
         self.is_v5 = v5
         self._refused = None
@@ -257,7 +262,7 @@ class MqttLink:
             self._subs[topic_filter] = (handler, qos)
             client = self._client
         if client is not None and self._connected.is_set():
-            client.subscribe(topic_filter, qos)
+            self._track(client.subscribe(topic_filter, qos))
 
         def unsubscribe() -> None:
             with self._lock:
@@ -267,6 +272,24 @@ class MqttLink:
                 current.unsubscribe(topic_filter)
 
         return unsubscribe
+
+    def wait_subscribed(self, timeout: float) -> bool:
+        """Block until the broker acknowledged every subscription sent so far (False after `timeout`).
+
+        Until then a message published to a matching topic may be routed to nobody."""
+        with self._subacks:
+            return self._subacks.wait_for(lambda: not self._sub_pending, timeout=timeout)
+
+    def _track(self, result: tuple[int, int | None]) -> None:
+        """Remember a SUBSCRIBE's packet id until its SUBACK (not sent when the client is offline)."""
+        rc, mid = result
+        if rc != paho.MQTT_ERR_SUCCESS or mid is None:
+            return
+        with self._subacks:
+            if mid in self._sub_early:
+                self._sub_early.discard(mid)
+            else:
+                self._sub_pending.add(mid)
 
     def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False) -> Publication:
         """Queue a message; QoS 1 messages are resent by paho after a reconnect.
@@ -294,8 +317,11 @@ class MqttLink:
         with self._lock:
             subs = list(self._subs.items())
             listeners = list(self._listeners)
+        with self._subacks:  # packets of an earlier connection are never acknowledged
+            self._sub_pending.clear()
+            self._sub_early.clear()
         for topic_filter, (_handler, qos) in subs:
-            client.subscribe(topic_filter, qos)
+            self._track(client.subscribe(topic_filter, qos))
         self._connected.set()
         _LOGGER.info("connected to %s as %s (MQTT %s)", self.address, self.client_id, "5" if self.is_v5 else "3.1.1")
         for listener in listeners:
@@ -303,6 +329,15 @@ class MqttLink:
                 listener()
             except Exception:
                 _LOGGER.exception("connect listener %s failed", getattr(listener, "__name__", listener))
+
+    def _on_subscribe(self, _client: paho.Client, _userdata: object, mid: int, _reasons: object,
+                      _props: object) -> None:
+        with self._subacks:
+            if mid in self._sub_pending:
+                self._sub_pending.discard(mid)
+                self._subacks.notify_all()
+            else:
+                self._sub_early.add(mid)
 
     def _on_disconnect(self, _client: paho.Client, _userdata: object, _flags: object, reason: object,
                        _props: object) -> None:

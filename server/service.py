@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -81,6 +82,7 @@ class EdgeGuideServer:
         self._worker = self._new_worker()
         self._worker_started = False
         self._subscribed = False
+        self._subscribe_sent = threading.Event()
         self.malformed = 0
         self.reports_ingested = 0
 
@@ -94,6 +96,10 @@ class EdgeGuideServer:
         self._worker_started = True
         self.link.add_connect_listener(self._ensure_subscribed)
         self.link.start(timeout=timeout)
+        # Return only once the broker routes device traffic to us: a report published right after start()
+        # must not fall through an unacknowledged subscription.
+        if not (self._subscribe_sent.wait(timeout) and self.link.wait_subscribed(timeout)):
+            _LOGGER.warning("the broker has not acknowledged the up-topic subscription after %.0f s", timeout)
         # Resume first (before the first tick starts pending deployments), in order after any message
         # the persistent session delivered while we were down.
         self._call(self.deployer.resume)
@@ -130,6 +136,7 @@ class EdgeGuideServer:
         else:
             topic_filter = self.topics.all_up_filter()
         self.link.subscribe(topic_filter, self._enqueue, qos=1)
+        self._subscribe_sent.set()
         _LOGGER.info("subscribed to %s", topic_filter)
 
     def _publish(self, topic: str, payload: bytes) -> None:

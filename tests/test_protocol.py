@@ -212,7 +212,7 @@ def test_mqtt_link_routes_survives_bad_handler_and_resubscribes(mosquitto, topic
         assert _no_delay(sub) and _no_delay(pub)  # small messages are not held back by Nagle's algorithm
         sub.subscribe(f"{topic_prefix}/ok", record)
         sub.subscribe(f"{topic_prefix}/bad", explode)
-        time.sleep(0.2)
+        assert sub.wait_subscribed(5), "no SUBACK for two subscriptions"
         pub.publish(f"{topic_prefix}/bad", b"boom").wait(5)
         pub.publish(f"{topic_prefix}/ok", b"after").wait(5)
         assert arrived.wait(5), "the network loop died after a handler raised"
@@ -223,9 +223,36 @@ def test_mqtt_link_routes_survives_bad_handler_and_resubscribes(mosquitto, topic
         assert sub.connected and pub.connected, "links did not reconnect after a broker restart"
         assert _no_delay(sub) and _no_delay(pub)  # the new sockets too
         arrived.clear()
-        time.sleep(0.3)
+        assert sub.wait_subscribed(5), "the resubscription after reconnect was not acknowledged"
         pub.publish(f"{topic_prefix}/ok", b"after").wait(5)
         assert arrived.wait(5), "subscription was not restored after reconnect"
+    finally:
+        sub.stop()
+        pub.stop()
+
+
+def test_mqtt_link_wait_subscribed_means_routed(mosquitto, topic_prefix: str) -> None:
+    """Once wait_subscribed() returns True, a message published at once to any new filter arrives."""
+    got: set[str] = set()
+    done = threading.Event()
+    filters = [f"{topic_prefix}/w/{i}" for i in range(30)]
+
+    def record(topic: str, _payload: bytes) -> None:
+        got.add(topic)
+        if len(got) == len(filters):
+            done.set()
+
+    sub = MqttLink(mosquitto.url, f"{topic_prefix}-wsub")
+    pub = MqttLink(mosquitto.url, f"{topic_prefix}-wpub")
+    sub.start()
+    pub.start()
+    try:
+        for topic_filter in filters:
+            sub.subscribe(topic_filter, record)
+        assert sub.wait_subscribed(5)
+        for topic in filters:  # QoS 0: nothing is resent, so a missed route would show as a missing topic
+            pub.publish(topic, b"x", qos=0)
+        assert done.wait(5), f"routed only {len(got)} of {len(filters)} right after the SUBACKs"
     finally:
         sub.stop()
         pub.stop()
