@@ -16,6 +16,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from protocol.cli_help import HelpFormatter
+
 _LOGGER = logging.getLogger(__name__)
 
 Handler = Callable[[argparse.Namespace], int]
@@ -33,15 +35,6 @@ EXIT_CODES = """exit codes:
 # Accepted before or after the subcommand, as with edgeguide-server and edgeguide-agent.
 _GLOBAL_DEFAULTS: dict[str, object] = {"verbose": 0, "log_level": None}
 
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Keeps the epilog's layout and shows each option's default unless its help already does."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
-            return text
-        return text + " (default: %(default)s)"
 
 
 def add_global_options(parser: argparse.ArgumentParser) -> None:

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from protocol.cli_help import HelpFormatter
 from protocol.limits import DEFAULT_LIMITS
 from protocol.redact import redact_text, redact_url
 from server.commands.admin import cmd_demo, cmd_export_key, cmd_register, cmd_unregister
@@ -49,15 +50,6 @@ def _version() -> str:
 
     return __version__
 
-
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Keeps the epilog's layout and shows each option's default unless its help already does."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
-            return text
-        return text + " (default: %(default)s)"
 
 
 def _default_data_dir() -> Path:
@@ -158,7 +150,7 @@ def _deploy_options(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="edgeguide-server", formatter_class=_HelpFormatter, epilog=EXIT_CODES,
+        prog="edgeguide-server", formatter_class=HelpFormatter, epilog=EXIT_CODES,
         description="EdgeGuide server: registry of compressed recommender artifacts, deployment over MQTT to "
                     "device agents, and the on-device acceptance gate. Versions are written MODEL@VERSION "
                     "(MODEL:VERSION is accepted too).")
@@ -169,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, help_text: str, description: str | None = None,
                 aliases: tuple[str, ...] = ()) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=description or help_text, aliases=list(aliases),
-                           formatter_class=_HelpFormatter, epilog=EXIT_CODES)
+                           formatter_class=HelpFormatter, epilog=EXIT_CODES)
         _global_options(p)
         return p
 
@@ -240,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = dsub.add_parser("remove", help="forget a device (refused while a deployment to it runs)",
                         description="Forget a device: it leaves the listings and rollouts. Its deployments and "
                                     "events stay. If its agent still runs, it reappears at its next state message.",
-                        formatter_class=_HelpFormatter, epilog=EXIT_CODES)
+                        formatter_class=HelpFormatter, epilog=EXIT_CODES)
     _global_options(q)
     q.add_argument("device_id", metavar="ID", help="device id")
 
@@ -250,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=50, help="at most this many rows")
     dsub = p.add_subparsers(dest="deployments_action", metavar="ACTION", help="show ID: one deployment in full")
     q = dsub.add_parser("show", help="one deployment: status, reason, gate checks, report folder, events",
-                        description="Everything recorded about one deployment.", formatter_class=_HelpFormatter,
+                        description="Everything recorded about one deployment.", formatter_class=HelpFormatter,
                         epilog=EXIT_CODES)
     _global_options(q)
     q.add_argument("deployment_id", metavar="ID", help="deployment id (as listed by `deployments`)")
