@@ -19,6 +19,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from compression.baselines import evaluate_baselines
+from compression.compact import compact_tflite
 from compression.data import Dataset
 from compression.tflite_eval import (
     INPUT_NAME,
@@ -109,6 +110,7 @@ def convert(model: keras.Model, dataset: Dataset, *, k: int = 20, quantization: 
             # inference_input/output_type stay at their float32 default, which leaves the int32
             # ids input alone and dequantizes the scores: the agent's interface does not change.
         blob = converter.convert()
+    blob, _ = compact_tflite(blob)  # lossless: shared duplicate constants, no tensor names
     _LOGGER.info("converted %s model: %d bytes (%s)", quantization, len(blob), model.name)
     return blob
 

@@ -153,3 +153,27 @@ def test_factorised_sasrec_exports_to_builtins_and_matches_keras(sasrec, techniq
         row = runner(history=history[None, :].astype(np.int32))
         ids = row["item_ids"][0]
         np.testing.assert_allclose(row["scores"][0], row_logits[ids], rtol=1e-4, atol=1e-4)
+
+
+def test_compaction_is_lossless_and_the_tied_table_is_stored_once(sasrec) -> None:
+    """dynamic-tensor export: one int8 copy of the [V+1, d] table; compaction changes no score."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    from compression.compact import compact_tflite
+    from compression.export import convert
+
+    model, dataset = sasrec
+    blob = convert(model, dataset, k=10, quantization="dynamic-tensor")
+    parsed = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(blob, 0))
+    tables = {t.buffer for sg in parsed.subgraphs for t in sg.tensors
+              if [int(d) for d in t.shape] == [dataset.num_items + 1, ARCH.dim]}
+    assert len(tables) == 1 and all(t.name is None for t in parsed.subgraphs[0].tensors)
+    # compacting a plain converter output again: no names left to drop, nothing changes
+    again, notes = compact_tflite(blob)
+    assert notes["bytes_after"] <= len(blob) and notes["shared_buffers"] == 0
+    histories = _histories(dataset, 5)
+    runners = [Interpreter(model_content=b).get_signature_runner("score") for b in (blob, again)]
+    for history in histories:
+        a, b = (r(history=history[None, :].astype(np.int32))["scores"] for r in runners)
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(a[0], model(history[None, :]).numpy()[0], atol=0.05)
