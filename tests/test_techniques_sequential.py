@@ -83,7 +83,7 @@ def _property(name, result, model):
         block = new.get_layer("block0")
         dead = np.all(block.ffn_in.kernel.numpy() == 0, axis=0) & np.all(block.ffn_out.kernel.numpy() == 0, axis=1)
         assert int(dead.sum()) == 4 and result.notes["kept_units"] == {"block0": 4}
-    elif name == "svd":
+    elif name in ("svd", "svd-distilled"):
         arch = architecture_of(new)
         assert (arch.item_rank, arch.fpmc_dim) == (4, 2) and new.count_params() < model.count_params()
     elif name == "cp":
@@ -110,6 +110,8 @@ TECHNIQUES = {
     "prune-activation": ActivationPruning(calibration=256, ffn_keep=0.5, **FAST),
     "prune-gradient": GradientPruning(calibration=256, ffn_keep=0.5, **FAST),
     "svd": TruncatedSVD(rules={"item_embedding": {"rank": 4}, "transitions": {"rank": 2}}, **FAST),
+    "svd-distilled": TruncatedSVD(rules={"item_embedding": {"rank": 4}, "transitions": {"rank": 2}}, distill=True,
+                                  **FAST),
     "cp": CPDecomposition(rank=3, **FAST),
     "quant-linear": LinearQuantization(bits=4, granularity="row"),
     "quant-log": LogQuantization(bits=4),

@@ -183,6 +183,7 @@ class TruncatedSVD:
     epochs: float = 1.0
     learning_rate: float = 5e-4
     max_pairs: int | None = None
+    distill: bool = False  # fine-tune on the unfactorised model's soft labels (kd_loss) instead of CE
     name: str = "svd"
 
     def apply(self, model: keras.Model, dataset: Dataset) -> StepResult:
@@ -193,8 +194,17 @@ class TruncatedSVD:
             factored, layers = factorize_sequential(model, self.rules or SEQUENTIAL_RULES)
         else:
             factored, layers = factorize(model, self.rules or DEFAULT_RULES)
-        history = fine_tune(factored, dataset, epochs=self.epochs, learning_rate=self.learning_rate,
-                            max_pairs=self.max_pairs)
+        if self.distill:
+            from compression.techniques.distillation import kd_loss, train_student
+
+            curve = train_student(factored, model, dataset,
+                                  lambda y, s_out, t_out: kd_loss(y, s_out[0], t_out[0], 0.5, 2.0),
+                                  epochs=self.epochs, learning_rate=self.learning_rate,
+                                  max_pairs=self.max_pairs, desc="svd-distill")
+            history = {"epochs": self.epochs, "teacher": "the unfactorised model", "loss_curve": curve}
+        else:
+            history = fine_tune(factored, dataset, epochs=self.epochs, learning_rate=self.learning_rate,
+                                max_pairs=self.max_pairs)
         _LOGGER.info("svd: %s; params %d -> %d", {k: v["rank"] for k, v in layers.items()},
                      model.count_params(), factored.count_params())
         notes = {"layers": layers, "params_before": int(model.count_params()),
