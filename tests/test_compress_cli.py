@@ -42,5 +42,5 @@ def test_list_names_each_variant_with_its_steps() -> None:
     assert done.returncode == 0, done.stderr
     lines = dict(line.split(": ", 1) for line in done.stdout.splitlines())
     assert lines["distill-soft+dynamic"] == "distill-soft -> ptq-dynamic"
-    assert lines["svd-r16+dynamic"] == "svd -> ptq-dynamic"
+    assert lines["svd-r24-f8+dynamic"] == "svd -> ptq-dynamic"
     assert {"svd", "cp", "qat", "ptq-int8"} <= set(lines)
