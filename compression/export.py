@@ -19,6 +19,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from compression.baselines import evaluate_baselines
+from compression.compact import compact_tflite
 from compression.data import Dataset
 from compression.tflite_eval import (
     INPUT_NAME,
@@ -31,7 +32,9 @@ from compression.tflite_eval import (
 
 _LOGGER = logging.getLogger(__name__)
 
-QUANTIZATIONS = ("none", "dynamic", "int8", "float16")
+# "dynamic" = int8 weights with per-channel scales, float activations (TF's default; FULLY_CONNECTED
+# v12, which tflite-runtime 2.14 rejects); "dynamic-tensor" = the same with one scale per tensor.
+QUANTIZATIONS = ("none", "dynamic", "dynamic-tensor", "int8", "float16")
 FORMAT = 1
 GOLDEN_N = 64
 POPULAR_N = 100
@@ -94,17 +97,20 @@ def convert(model: keras.Model, dataset: Dataset, *, k: int = 20, quantization: 
         converter = tf.lite.TFLiteConverter.from_saved_model(tmp, signature_keys=[RECOMMEND, SCORE])
         if quantization != "none":
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        if quantization in ("dynamic-tensor", "int8"):
+            # One scale per weight tensor: per-channel scales and zero points cost 12 bytes per
+            # output channel, i.e. per item for every [V, d] score table, and each signature
+            # stores its own copy (measured: 196 KB of a 530 KB dynamic-range SASRec at V=3659).
+            converter._experimental_disable_per_channel = True
         if quantization == "float16":
             converter.target_spec.supported_types = [tf.float16]
         elif quantization == "int8":
             converter.representative_dataset = lambda: _representative(dataset, window, representative_n)
             converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-            # One scale per weight tensor: per-channel scales and zero points cost 12 bytes per
-            # output channel, i.e. per item for every [V, d] score table (tens of KiB at V=3659).
-            converter._experimental_disable_per_channel = True
             # inference_input/output_type stay at their float32 default, which leaves the int32
             # ids input alone and dequantizes the scores: the agent's interface does not change.
         blob = converter.convert()
+    blob, _ = compact_tflite(blob)  # lossless: shared duplicate constants, no tensor names
     _LOGGER.info("converted %s model: %d bytes (%s)", quantization, len(blob), model.name)
     return blob
 

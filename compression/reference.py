@@ -19,8 +19,10 @@ from pathlib import Path
 import tf_keras as keras
 
 from compression.data import Dataset
+from compression.export import export_artifact
 from compression.seqmodel import build_model
 from compression.train import TrainConfig, evaluate_keras, train_reference
+from compression.variants import SearchError
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -106,3 +108,63 @@ def choose_reference(dataset: Dataset, candidates: list[Candidate],
     best = max(records, key=lambda name: records[name]["val"]["ndcg10"])
     _LOGGER.info("reference: %s (validation NDCG@10 %.4f)", best, records[best]["val"]["ndcg10"])
     return best, models, records
+
+
+def load_reference_model(path: str | Path, dataset: Dataset, window: int = 20) -> keras.Model:
+    """A saved Keras model (.keras/.h5) or MLP weights (.weights.h5) of the reference."""
+    from compression.model import build_reference
+
+    path = Path(path)
+    if not path.exists():
+        raise SearchError(f"reference model {path} does not exist")
+    if path.name.endswith(".weights.h5"):
+        model = build_reference(dataset.num_items, window=window)
+        model.load_weights(str(path))
+        return model
+    return keras.models.load_model(str(path), compile=False)
+
+
+def export_candidates(models: dict[str, keras.Model], records: dict[str, dict], dataset: Dataset,
+                      out_dir: Path, check_compat: bool) -> dict[str, dict]:
+    """Export each candidate as float32 once: its .tflite size and which runtimes load it."""
+    for name, model in models.items():
+        record = records[name]
+        path = out_dir / name
+        metrics_path = path / "metrics.json"
+        if metrics_path.is_file():
+            metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+            if metrics.get("model_id") == f"candidate-{name}-{record['key']}":
+                record["export"] = _candidate_export(metrics, path)
+                continue
+        export_artifact(model, dataset, path, model_id=f"candidate-{name}-{record['key']}", quantization="none",
+                        training=record["config"], check_compat=check_compat)
+        record["export"] = _candidate_export(json.loads(metrics_path.read_text(encoding="utf-8")), path)
+    return records
+
+
+def _candidate_export(metrics: dict, path: Path) -> dict:
+    return {key: metrics[key] for key in ("tflite_bytes", "hr10", "ndcg10", "mrr", "runtimes")} | {
+        "artifact": str(path)}
+
+
+def obtain_references(dataset: Dataset, out_dir: Path, *, preset: str, epochs: int | None = None,
+                      check_compat: bool = True) -> tuple[keras.Model, dict, dict[str, keras.Model]]:
+    """Train the candidate architectures (cached), pick the reference by validation NDCG@10.
+
+    Returns (reference, training record incl. every candidate's figures, the other candidates
+    by name as bases for techniques that only apply to them).
+    """
+    best, models, records = choose_reference(dataset, default_candidates(preset, epochs),
+                                             out_dir / "candidates")
+    export_candidates(models, records, dataset, out_dir / "candidates", check_compat)
+    training = {"architecture": records[best]["architecture"], "config": records[best]["config"],
+                "history": records[best]["history"], "selected_by": "val_ndcg10", "chosen": best,
+                "candidates": {name: {key: rec.get(key) for key in ("architecture", "config", "val", "test",
+                                                                    "export")}
+                               | {"best_epoch": rec["history"]["best_epoch"], "params": rec["history"]["params"],
+                                  "seconds": rec["history"]["seconds"]}
+                               for name, rec in records.items()}}
+    bases = {name: model for name, model in models.items() if name != best}
+    return models[best], training, bases
+
+

@@ -10,7 +10,6 @@ same command resumes where an interrupted run stopped. Each run writes ``search.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -31,59 +30,23 @@ from tqdm.auto import tqdm
 
 from compression.data import Dataset
 from compression.export import export_artifact
+from compression.reference import load_reference_model, obtain_references  # noqa: F401 - re-exported
 from compression.report import markdown_table, pareto_front, pareto_plot
 from compression.search_cli import register_search_subcommand  # noqa: F401 - the CLI half, re-exported
-from compression.techniques import (
-    ActivationPruning,
-    CPDecomposition,
-    FeatureDistillation,
-    GradientPruning,
-    LinearQuantization,
-    LogQuantization,
-    MagnitudePruning,
-    PostTrainingQuantization,
-    QuantizationAwareTraining,
-    Recipe,
-    SoftDistillation,
-    StepResult,
-    StudentShape,
-    Technique,
-    TruncatedSVD,
-    WeightClustering,
-)
+from compression.techniques import Recipe, StepResult
 from compression.tflite_eval import INPUT_NAME, RECOMMEND
+from compression.variants import (  # noqa: F401 - the search's public names live here too
+    PROFILES,
+    SearchError,
+    Variant,
+    default_variants,
+    select_variants,
+    size_note,
+)
 
 _LOGGER = logging.getLogger(__name__)
 
 STATE_FORMAT = 1
-PROFILES = ("quick", "full")
-
-
-class SearchError(Exception):
-    """Raised when a search cannot run or resume as asked."""
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One candidate: a named chain of technique steps (a technique alone is a one-step chain).
-
-    ``base`` names the model the steps start from: ``"reference"`` (the chosen float32
-    reference) or another trained architecture (e.g. ``"mlp"``) for techniques that only apply
-    to that one; figures are always compared with the reference.
-    """
-
-    name: str
-    steps: tuple[Technique, ...]
-    base: str = "reference"
-
-    def recipe(self) -> Recipe:
-        """The steps as a ``Recipe``."""
-        return Recipe(list(self.steps), name=self.name)
-
-    def config_key(self, base_key: str) -> str:
-        """Digest of everything that decides the result: base model (by its key) and every step."""
-        text = repr((self.base, base_key, [repr(step) for step in self.steps]))
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -123,80 +86,6 @@ def measure_host_latency(tflite_path: str | Path, histories: np.ndarray, config:
     return {"p50": float(np.percentile(ms, 50)), "p90": float(np.percentile(ms, 90)),
             "p99": float(np.percentile(ms, 99)), "mean": float(ms.mean()), "n": len(ms),
             "threads": config.threads}
-
-
-# Techniques that rebuild the model as a single layer chain (or wrap its stock Keras layers with
-# tfmot): they apply to the MLP. On the sequential reference they are still tried, fail at once
-# with the reason, and run on the MLP base ("@mlp" variants) so every technique is covered.
-CHAIN_ONLY = ("prune-magnitude", "prune-magnitude-oneshot", "prune-activation", "prune-gradient",
-              "quant-linear-4bit", "quant-log-4bit", "qat", "cluster-16", "distill-feature", "svd", "cp")
-
-
-def default_variants(profile: str = "full", *, mlp_base: bool = True) -> list[Variant]:
-    """Every technique on the reference, the chain-only ones also on the MLP, and the student recipes.
-
-    The size budget is set by the item tables ([V, d] embeddings and FPMC factors), so the
-    recipes distil the reference into same-family students with small d and end in int8
-    (per-tensor scales, see ``compression.export``) or float16.
-    """
-    if profile not in PROFILES:
-        raise SearchError(f"profile must be one of {PROFILES}, got {profile!r}")
-    quick = profile == "quick"
-    tune = 0.5                              # fine-tuning epochs after a structural edit
-    student_epochs = 0.5 if quick else 1.0
-    int8, fp16 = PostTrainingQuantization("int8"), PostTrainingQuantization("float16")
-    # students start from the teacher (warm_start): from a random init, 1-2 epochs of distillation
-    # left 1000-customer students at 0.52-0.58 x the reference's NDCG@10 (bench --quick, 2026-12-01)
-    student = SoftDistillation(student=StudentShape(16, 128, fpmc_dim=8, blocks=1, heads=1, warm_start=True),
-                               epochs=student_epochs)
-    markov = SoftDistillation(student=StudentShape(8, 128, fpmc_dim=8, warm_start=True, kind="fpmc"),
-                              epochs=student_epochs)
-    mlp_student = StudentShape(24, 128)
-    chain = {
-        "prune-magnitude": MagnitudePruning(target=0.8, method="tfmot", epochs=tune),
-        "prune-magnitude-oneshot": MagnitudePruning(target=0.5, method="oneshot"),
-        "prune-activation": ActivationPruning(epochs=tune),
-        "prune-gradient": GradientPruning(epochs=tune),
-        "quant-linear-4bit": LinearQuantization(bits=4, granularity="row"),
-        "quant-log-4bit": LogQuantization(bits=4),
-        "qat": QuantizationAwareTraining(epochs=tune, export_mode="int8"),
-        "cluster-16": WeightClustering(clusters=16, epochs=tune),
-        "distill-feature": FeatureDistillation(student=mlp_student, epochs=student_epochs),
-        "svd": TruncatedSVD(epochs=tune),
-        "cp": CPDecomposition(rank=32, epochs=tune),
-    }
-    on_reference = [
-        Variant("ptq-dynamic", (PostTrainingQuantization("dynamic"),)),
-        Variant("ptq-int8", (int8,)),
-        Variant("ptq-float16", (fp16,)),
-        Variant("distill-soft", (student,)),
-        *(Variant(name, (technique,)) for name, technique in chain.items()),
-        Variant("distill-soft+int8", (student, int8)),
-        Variant("distill-soft+float16", (student, fp16)),
-        Variant("distill-soft-fpmc8+int8", (markov, int8)),
-        Variant("distill-soft-fpmc8+float16", (markov, fp16)),
-    ]
-    if not mlp_base:
-        return on_reference
-    on_mlp = [Variant(f"{name}@mlp", (technique,), base="mlp") for name, technique in chain.items()]
-    return on_reference + on_mlp
-
-
-def _size_note(result: StepResult, metrics: dict) -> str | None:
-    """What the raw .tflite size hides: simulated low-bit tables, zeros that only gzip sees."""
-    parts = []
-    for name, notes in result.notes.items():
-        if isinstance(notes, dict) and notes.get("simulated"):
-            packed = sum(layer.get("packed_bytes", 0) for layer in notes.get("layers", {}).values())
-            parts.append(f"{name} is simulated: the .tflite holds float weights; the {notes['bits']}-bit "
-                         f"tables would pack into {packed / 1024:.1f} KiB")
-        if isinstance(notes, dict) and "sparsity" in notes:
-            parts.append(f"{name}: sparsity {notes['sparsity']:.2f}; zeros do not shrink the .tflite, "
-                         f"gzip {metrics['gzip_bytes'] / 1024:.1f} KiB")
-        if isinstance(notes, dict) and "distinct" in notes:
-            parts.append(f"{name}: {notes['clusters']} values per kernel; "
-                         f"gzip {metrics['gzip_bytes'] / 1024:.1f} KiB")
-    return "; ".join(parts) or None
 
 
 def _jsonable(value: Any) -> Any:
@@ -379,7 +268,7 @@ def run_search(reference: keras.Model, dataset: Dataset, variants: Sequence[Vari
                    "techniques": list(dict.fromkeys(result.techniques)),
                    "recipe": result.techniques, "quantization": result.quantization,
                    "params": int(result.model.count_params()), "artifact": str(path),
-                   **_figures(metrics, latency), "size_note": _size_note(result, metrics),
+                   **_figures(metrics, latency), "size_note": size_note(result, metrics),
                    "notes": _jsonable(result.notes)}
         except Exception as exc:  # one failing variant must not end a long search; the row says why
             _LOGGER.exception("variant %s failed", variant.name)
@@ -443,106 +332,3 @@ def finish_search(state: dict, names: Sequence[str], run: SearchRun) -> dict:
     _LOGGER.info("search done: best %s (%d bytes, %.1fx smaller, NDCG@10 %.4f); reports in %s",
                  best["name"], best["tflite_bytes"], best["x_smaller"], best["ndcg10"], out)
     return result
-
-
-def load_reference_model(path: str | Path, dataset: Dataset, window: int = 20) -> keras.Model:
-    """A saved Keras model (.keras/.h5) or MLP weights (.weights.h5) of the reference."""
-    from compression.model import build_reference
-
-    path = Path(path)
-    if not path.exists():
-        raise SearchError(f"reference model {path} does not exist")
-    if path.name.endswith(".weights.h5"):
-        model = build_reference(dataset.num_items, window=window)
-        model.load_weights(str(path))
-        return model
-    return keras.models.load_model(str(path), compile=False)
-
-
-def export_candidates(models: dict[str, keras.Model], records: dict[str, dict], dataset: Dataset,
-                      out_dir: Path, check_compat: bool) -> dict[str, dict]:
-    """Export each candidate as float32 once: its .tflite size and which runtimes load it."""
-    for name, model in models.items():
-        record = records[name]
-        path = out_dir / name
-        metrics_path = path / "metrics.json"
-        if metrics_path.is_file():
-            metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
-            if metrics.get("model_id") == f"candidate-{name}-{record['key']}":
-                record["export"] = _candidate_export(metrics, path)
-                continue
-        export_artifact(model, dataset, path, model_id=f"candidate-{name}-{record['key']}", quantization="none",
-                        training=record["config"], check_compat=check_compat)
-        record["export"] = _candidate_export(json.loads(metrics_path.read_text(encoding="utf-8")), path)
-    return records
-
-
-def _candidate_export(metrics: dict, path: Path) -> dict:
-    return {key: metrics[key] for key in ("tflite_bytes", "hr10", "ndcg10", "mrr", "runtimes")} | {
-        "artifact": str(path)}
-
-
-def obtain_references(dataset: Dataset, out_dir: Path, *, preset: str, epochs: int | None = None,
-                      check_compat: bool = True) -> tuple[keras.Model, dict, dict[str, keras.Model]]:
-    """Train the candidate architectures (cached), pick the reference by validation NDCG@10.
-
-    Returns (reference, training record incl. every candidate's figures, the other candidates
-    by name as bases for techniques that only apply to them).
-    """
-    from compression.reference import choose_reference, default_candidates
-
-    best, models, records = choose_reference(dataset, default_candidates(preset, epochs),
-                                             out_dir / "candidates")
-    export_candidates(models, records, dataset, out_dir / "candidates", check_compat)
-    training = {"architecture": records[best]["architecture"], "config": records[best]["config"],
-                "history": records[best]["history"], "selected_by": "val_ndcg10", "chosen": best,
-                "candidates": {name: {key: rec.get(key) for key in ("architecture", "config", "val", "test",
-                                                                    "export")}
-                               | {"best_epoch": rec["history"]["best_epoch"], "params": rec["history"]["params"],
-                                  "seconds": rec["history"]["seconds"]}
-                               for name, rec in records.items()}}
-    bases = {name: model for name, model in models.items() if name != best}
-    return models[best], training, bases
-
-
-def select_variants(all_variants: Sequence[Variant], wanted: str | None) -> list[Variant]:
-    """Filter by a comma-separated list of names, naming unknown ones in the error."""
-    if not wanted:
-        return list(all_variants)
-    names = [n.strip() for n in wanted.split(",") if n.strip()]
-    known = {v.name: v for v in all_variants}
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise SearchError(f"unknown variants {unknown}; known: {sorted(known)}")
-    return [known[n] for n in names]
-
-
-def search_command(args: argparse.Namespace) -> int:
-    """Entry point of ``edgeguide-compress search``; returns the exit code."""
-    from compression.data import load_dataset
-
-    variants = select_variants(default_variants(args.profile), args.variants)
-    if args.list:
-        for variant in variants:
-            print(f"{variant.name}: {' -> '.join(step.name for step in variant.steps)}")
-        return 0
-    out = Path(args.out)
-    if args.fresh and (out / "state.json").exists():
-        (out / "state.json").unlink()
-    dataset = load_dataset(args.data, max_customers=args.max_customers)
-    if args.reference:
-        reference = load_reference_model(args.reference, dataset)
-        training, bases = {"source": str(args.reference)}, {}
-        variants = [v for v in variants if v.base == "reference"]
-    else:
-        reference, training, bases = obtain_references(dataset, out, preset=args.train_preset,
-                                                       check_compat=not args.no_compat)
-    run = SearchRun(out_dir=out, floor=args.floor, check_compat=not args.no_compat,
-                    latency=LatencyConfig.for_profile(args.profile))
-    result = run_search(reference, dataset, variants, run, training=training, bases=bases)
-    best = result["best"]
-    recipe = " -> ".join(best["recipe"]) or "reference"
-    print(f"best: {best['name']} ({recipe}) {best['tflite_bytes']} bytes, "
-          f"{best['x_smaller']:.1f}x smaller, NDCG@10 {best['ndcg10']:.4f} ({best['ndcg_ratio']:.3f} x ref)")
-    print(f"artifact: {best['artifact']}\nreport: {out / 'report.md'}\nplot: {out / 'pareto.png'}")
-    return 0 if best["met_floor"] else 1

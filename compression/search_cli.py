@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def _run_search(args: argparse.Namespace) -> int:
-    from compression.search import SearchError, search_command
+    from compression.search import SearchError
 
     try:
         return search_command(args)
@@ -49,3 +50,37 @@ def register_search_subcommand(subparsers: argparse._SubParsersAction) -> argpar
     parser.add_argument("--list", action="store_true", help="list the variant names and exit")
     parser.set_defaults(func=_run_search)
     return parser
+
+
+def search_command(args: argparse.Namespace) -> int:
+    """Entry point of ``edgeguide-compress search``; returns the exit code."""
+    from compression.data import load_dataset
+    from compression.reference import load_reference_model, obtain_references
+    from compression.search import LatencyConfig, SearchRun, run_search
+    from compression.variants import default_variants, select_variants
+
+    variants = select_variants(default_variants(args.profile), args.variants)
+    if args.list:
+        for variant in variants:
+            print(f"{variant.name}: {' -> '.join(step.name for step in variant.steps)}")
+        return 0
+    out = Path(args.out)
+    if args.fresh and (out / "state.json").exists():
+        (out / "state.json").unlink()
+    dataset = load_dataset(args.data, max_customers=args.max_customers)
+    if args.reference:
+        reference = load_reference_model(args.reference, dataset)
+        training, bases = {"source": str(args.reference)}, {}
+        variants = [v for v in variants if v.base == "reference"]
+    else:
+        reference, training, bases = obtain_references(dataset, out, preset=args.train_preset,
+                                                       check_compat=not args.no_compat)
+    run = SearchRun(out_dir=out, floor=args.floor, check_compat=not args.no_compat,
+                    latency=LatencyConfig.for_profile(args.profile))
+    result = run_search(reference, dataset, variants, run, training=training, bases=bases)
+    best = result["best"]
+    recipe = " -> ".join(best["recipe"]) or "reference"
+    print(f"best: {best['name']} ({recipe}) {best['tflite_bytes']} bytes, "
+          f"{best['x_smaller']:.1f}x smaller, NDCG@10 {best['ndcg10']:.4f} ({best['ndcg_ratio']:.3f} x ref)")
+    print(f"artifact: {best['artifact']}\nreport: {out / 'report.md'}\nplot: {out / 'pareto.png'}")
+    return 0 if best["met_floor"] else 1

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass
 
 import tensorflow as tf
@@ -40,6 +41,8 @@ class Architecture:
 
     ``hidden`` is the MLP's hidden width (unused by the others); ``fpmc_dim`` 0 drops the FPMC
     term, ``offset_window`` 0 the catalogue offsets, ``repeat`` False the repeat weights.
+    ``item_rank`` > 0 stores the tied item table as two factors [V+1, r] x [r, dim] (truncated
+    SVD); ``item_cp`` > 0 as a rank-R CP tensor (``ItemTable``); both 0 = a dense table.
     """
 
     kind: str = "sasrec"
@@ -52,6 +55,8 @@ class Architecture:
     offset_positions: int = 3
     repeat: bool = True
     dropout: float = 0.2
+    item_rank: int = 0
+    item_cp: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in ARCHITECTURES:
@@ -59,13 +64,15 @@ class Architecture:
         for name in ("dim", "hidden", "heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"Architecture.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("blocks", "fpmc_dim", "offset_window", "offset_positions"):
+        for name in ("blocks", "fpmc_dim", "offset_window", "offset_positions", "item_rank", "item_cp"):
             if getattr(self, name) < 0:
                 raise ValueError(f"Architecture.{name} must be >= 0, got {getattr(self, name)}")
         if self.kind == "sasrec" and self.dim % self.heads:
             raise ValueError(f"dim {self.dim} must be a multiple of heads {self.heads}")
         if self.kind == "fpmc" and not self.fpmc_dim:
             raise ValueError("the fpmc architecture needs fpmc_dim >= 1")
+        if self.item_rank and self.item_cp:
+            raise ValueError("item_rank and item_cp are two ways to factorise the table: set one")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
@@ -78,28 +85,74 @@ class Architecture:
         return dataclasses.replace(self, **changes)
 
 
+def cp_grid(rows: int) -> tuple[int, int]:
+    """(a, b) with a * b >= rows, both near sqrt(rows): item i sits at (i // b, i % b) of the CP tensor."""
+    a = math.isqrt(max(rows - 1, 0)) + 1
+    return a, -(-rows // a)
+
+
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class ItemTable(keras.layers.Layer):
-    """One item table used twice (tied): ``mode="embed"`` looks ids up, ``"logits"`` scores all items."""
+    """One item table used twice (tied): ``mode="embed"`` looks ids up, ``"logits"`` scores all items.
 
-    def __init__(self, rows: int, dim: int, **kwargs) -> None:
+    Three storages of the same [rows, dim] table: dense; ``rank`` r > 0: ``embeddings`` [rows, r]
+    times ``projection`` [r, dim] (r (rows + dim) numbers); ``cp`` R > 0: the table reshaped to
+    [a, b, dim] as a rank-R CP tensor with factors [a, R], [b, R], [dim, R] ((a + b + dim) R
+    numbers). The CP scores of all items are computed from the factors at inference
+    ([B, a, R] x [R, b]), so the converter cannot fold the full table back into the graph.
+    """
+
+    def __init__(self, rows: int, dim: int, rank: int = 0, cp: int = 0, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.rows, self.dim = rows, dim
+        self.rows, self.dim, self.rank, self.cp = rows, dim, rank, cp
 
     def build(self, input_shape) -> None:
-        self.embeddings = self.add_weight(name="embeddings", shape=(self.rows, self.dim),
-                                          initializer=keras.initializers.RandomNormal(stddev=0.05))
+        normal = keras.initializers.RandomNormal(stddev=0.05)
+        if self.cp:
+            a, b = cp_grid(self.rows)
+            self.factor_a = self.add_weight(name="factor_a", shape=(a, self.cp), initializer=normal)
+            self.factor_b = self.add_weight(name="factor_b", shape=(b, self.cp), initializer=normal)
+            self.factor_c = self.add_weight(name="factor_c", shape=(self.dim, self.cp), initializer=normal)
+        else:
+            width = self.rank or self.dim
+            self.embeddings = self.add_weight(name="embeddings", shape=(self.rows, width), initializer=normal)
+            if self.rank:
+                self.projection = self.add_weight(name="projection", shape=(self.rank, self.dim),
+                                                  initializer=normal)
         super().build(input_shape)
 
     def call(self, inputs: tf.Tensor, mode: str = "embed") -> tf.Tensor:
+        if self.cp:
+            return self._cp_embed(inputs) if mode == "embed" else self._cp_logits(inputs)
         if mode == "embed":
-            return tf.gather(self.embeddings, inputs)
+            rows = tf.gather(self.embeddings, inputs)
+            return tf.matmul(rows, self.projection) if self.rank else rows
+        if self.rank:
+            inputs = tf.matmul(inputs, self.projection, transpose_b=True)
         # TFLite turns this into a FULLY_CONNECTED over the same constant the GATHER reads; an
         # int8 export stores it twice (the two ops quantize it differently), float exports once.
         return tf.matmul(inputs, self.embeddings, transpose_b=True)
 
+    def _cp_embed(self, ids: tf.Tensor) -> tf.Tensor:
+        cols = cp_grid(self.rows)[1]
+        mixed = tf.gather(self.factor_a, ids // cols) * tf.gather(self.factor_b, ids % cols)
+        return tf.matmul(mixed, self.factor_c, transpose_b=True)
+
+    def _cp_logits(self, user: tf.Tensor) -> tf.Tensor:
+        a, b = cp_grid(self.rows)
+        weighted = tf.matmul(user, self.factor_c)[:, None, :] * self.factor_a[None]       # [B, a, R]
+        scores = tf.matmul(weighted, tf.broadcast_to(self.factor_b[None], (tf.shape(user)[0], b, self.cp)),
+                           transpose_b=True)                                                # [B, a, b]
+        return tf.reshape(scores, (-1, a * b))[:, :self.rows]
+
+    def table(self) -> tf.Tensor:
+        """The [rows, dim] table this storage represents (for checks and for refactoring)."""
+        if self.cp:
+            return self._cp_embed(tf.range(self.rows))
+        return tf.matmul(self.embeddings, self.projection) if self.rank else tf.convert_to_tensor(self.embeddings)
+
     def get_config(self) -> dict:
-        return super().get_config() | {"rows": self.rows, "dim": self.dim}
+        return super().get_config() | {"rows": self.rows, "dim": self.dim, "rank": self.rank, "cp": self.cp}
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -153,8 +206,7 @@ class AttentionBlock(keras.layers.Layer):
         head = self.dim // self.heads
         return tf.transpose(tf.reshape(x, (-1, window, self.heads, head)), (0, 2, 1, 3))
 
-    def call(self, inputs: list[tf.Tensor], training: bool | None = None) -> tf.Tensor:
-        x, history = inputs
+    def _attend(self, x: tf.Tensor, history: tf.Tensor, training: bool | None) -> tf.Tensor:
         window = int(x.shape[1])
         valid = tf.cast(history > 0, x.dtype)
         y = self.norm1(x)
@@ -162,9 +214,17 @@ class AttentionBlock(keras.layers.Layer):
         scores = tf.matmul(q, k, transpose_b=True) * ((self.dim // self.heads) ** -0.5)
         weights = tf.nn.softmax(scores - MASK_PENALTY * (1.0 - valid[:, None, None, :]), axis=-1)
         attended = tf.reshape(tf.transpose(tf.matmul(weights, v), (0, 2, 1, 3)), (-1, window, self.dim))
-        x = x + self._drop(self.out(attended), training=training)
+        return x + self._drop(self.out(attended), training=training)
+
+    def call(self, inputs: list[tf.Tensor], training: bool | None = None) -> tf.Tensor:
+        x, history = inputs
+        x = self._attend(x, history, training)
         y = self.ffn_out(self.ffn_in(self.norm2(x)))
-        return (x + self._drop(y, training=training)) * valid[..., None]
+        return (x + self._drop(y, training=training)) * tf.cast(history > 0, x.dtype)[..., None]
+
+    def ffn_hidden(self, x: tf.Tensor, history: tf.Tensor) -> tf.Tensor:
+        """The feed-forward units' (ReLU) activations for block input ``x``: what activation pruning ranks."""
+        return self.ffn_in(self.norm2(self._attend(x, history, training=False)))
 
     def get_config(self) -> dict:
         return super().get_config() | {"dim": self.dim, "heads": self.heads, "dropout": self.dropout}
@@ -244,7 +304,7 @@ def build_model(num_items: int, arch: Architecture, window: int = 20) -> keras.M
     if arch.kind == "fpmc":
         logits = heads
     else:
-        table = ItemTable(rows, arch.dim, name="item_embedding")
+        table = ItemTable(rows, arch.dim, arch.item_rank, arch.item_cp, name="item_embedding")
         items = table(history)
         if arch.kind == "sasrec":
             x = PositionEncoding(window, arch.dim, arch.dropout, name="positions")([items, history])
@@ -277,7 +337,8 @@ def architecture_of(model: keras.Model) -> Architecture:
     fields = {"fpmc_dim": heads.fpmc_dim, "offset_window": heads.offset_window,
               "offset_positions": heads.offset_positions, "repeat": heads.repeat}
     if "item_embedding" in names:
-        fields["dim"] = names["item_embedding"].dim
+        table = names["item_embedding"]
+        fields |= {"dim": table.dim, "item_rank": table.rank, "item_cp": table.cp}
     blocks = [layer for layer in model.layers if isinstance(layer, AttentionBlock)]
     if blocks:
         fields |= {"kind": "sasrec", "blocks": len(blocks), "heads": blocks[0].heads,

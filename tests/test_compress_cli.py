@@ -41,5 +41,6 @@ def test_list_names_each_variant_with_its_steps() -> None:
     done = _compress("search", "--list", "--log-level", "warning")
     assert done.returncode == 0, done.stderr
     lines = dict(line.split(": ", 1) for line in done.stdout.splitlines())
-    assert lines["distill-soft+int8"] == "distill-soft -> ptq-int8"
+    assert lines["distill-soft+dynamic"] == "distill-soft -> ptq-dynamic"
+    assert lines["svd-r24-f8+dynamic"] == "svd -> ptq-dynamic"
     assert {"svd", "cp", "qat", "ptq-int8"} <= set(lines)

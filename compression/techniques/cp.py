@@ -119,6 +119,10 @@ class CPDecomposition:
         """Decompose the table, swap in ``CPEmbedding``, fine-tune all weights."""
         if self.rank < 1:
             raise TechniqueError(f"CP rank must be >= 1, got {self.rank}")
+        from compression.techniques import sequential as seq
+
+        if seq.is_sequential(model):
+            return self._apply_sequential(model, dataset)
         specs = copy_specs(model)
         matches = [i for i, spec in enumerate(specs) if spec.layer.name == self.layer]
         if not matches or not isinstance(specs[matches[0]].layer, keras.layers.Embedding):
@@ -139,3 +143,26 @@ class CPDecomposition:
         _LOGGER.info("cp rank %d on %s %s: %d -> %d numbers, relative error %.3f", self.rank, self.layer,
                      table.shape, table.size, a.size + b.size + c.size, error_before)
         return StepResult(factored, [self.name], notes)
+
+    def _apply_sequential(self, model: keras.Model, dataset: Dataset) -> StepResult:
+        """The tied item table of a sequential model as a CP tensor (``Architecture.item_cp``)."""
+        from compression.seqmodel import architecture_of
+        from compression.techniques import sequential as seq
+
+        if self.layer != "item_embedding" or "item_embedding" not in {la.name for la in model.layers}:
+            raise TechniqueError(f"model {model.name!r}: CP applies to its tied item table 'item_embedding', "
+                                 f"got layer {self.layer!r}")
+        table = model.get_layer("item_embedding").table().numpy()
+        a, b, c, grid = cp_factors(table, self.rank)
+        factored = seq.rebuild(model, architecture_of(model).replace(item_cp=self.rank, item_rank=0))
+        layer = factored.get_layer("item_embedding")
+        layer.set_weights([a, b, c])
+        error_before = relative_error(table, layer.table().numpy())
+        history = fine_tune(factored, dataset, epochs=self.epochs, learning_rate=self.learning_rate,
+                            max_pairs=self.max_pairs)
+        _LOGGER.info("cp rank %d on the tied item table %s: %d -> %d numbers, relative error %.3f",
+                     self.rank, table.shape, table.size, a.size + b.size + c.size, error_before)
+        return StepResult(factored, [self.name], {
+            "rank": self.rank, "grid": list(grid), "table_shape": list(table.shape), "tied": True,
+            "params_before": int(table.size), "params_after": int(a.size + b.size + c.size),
+            "relative_error": error_before, "fine_tune": history})

@@ -57,8 +57,11 @@ class FeatureDistillation:
         """Train a fresh student on label + feature losses against ``model``."""
         check_alpha_temperature(self.alpha, self.temperature)
         student = build_student(model, dataset.num_items, self.student)
-        s_pair = with_feature_output(student, self.layer)
-        t_pair = with_feature_output(model, self.layer)
+        layer = self.layer
+        if layer == "projection" and any(la.name == "last_step" for la in model.layers):
+            layer = "last_step"  # a sequential model's user vector (the MLP's is its projection)
+        s_pair = with_feature_output(student, layer)
+        t_pair = with_feature_output(model, layer)
         teacher_width = int(t_pair.outputs[1].shape[-1])
         projection = keras.layers.Dense(teacher_width, use_bias=True, name="feature_projection")
         projection.build((None, int(s_pair.outputs[1].shape[-1])))
@@ -72,7 +75,7 @@ class FeatureDistillation:
                               extra_variables=projection.trainable_variables, max_pairs=self.max_pairs,
                               desc=self.name)
         notes = {"student": vars(self.student) | {"params": int(student.count_params())},
-                 "teacher_params": int(model.count_params()), "layer": self.layer, "beta": self.beta,
+                 "teacher_params": int(model.count_params()), "layer": layer, "beta": self.beta,
                  "alpha": self.alpha, "temperature": self.temperature, "epochs": self.epochs,
                  "loss_curve": curve}
         return StepResult(student, [self.name], notes)

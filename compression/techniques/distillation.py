@@ -119,7 +119,9 @@ def warm_start_student(student: keras.Model, teacher: keras.Model) -> dict:
         s_heads.next_factors.assign(np.pad(nxt, ((0, 0), (0, pad))))
         notes["fpmc"] = f"rank-{rank} factorisation of the teacher's map"
     if "item_embedding" in names and "item_embedding" in {layer.name for layer in teacher.layers}:
-        table = teacher.get_layer("item_embedding").embeddings.numpy()
+        table = teacher.get_layer("item_embedding").table().numpy()
+        if student.get_layer("item_embedding").rank or student.get_layer("item_embedding").cp:
+            raise TechniqueError("warm start fills a dense student table; factorise the student afterwards")
         target = student.get_layer("item_embedding").embeddings
         dim = int(target.shape[1])
         _, _, vt = np.linalg.svd(table - table.mean(axis=0), full_matrices=False)

@@ -14,6 +14,7 @@ import numpy as np
 import tf_keras as keras
 
 from compression.data import Dataset
+from compression.techniques import sequential as seq
 from compression.techniques.base import StepResult, TechniqueError
 from compression.techniques.common import calibration_histories, model_window
 from compression.techniques.surgery import DEFAULT_KEEP, removable_keep, structured_prune
@@ -56,6 +57,25 @@ def activation_scores(model: keras.Model, histories: np.ndarray, layers: list[st
     return {name: 1.0 - stats[name]["zero_fraction"] for name in layers}
 
 
+def ffn_activation_scores(model: keras.Model, histories: np.ndarray, batch_size: int = 256) -> dict[str, np.ndarray]:
+    """Per attention block: mean |ReLU output| of each feed-forward unit over ``histories``."""
+    blocks = [layer for layer in model.layers if layer.name.startswith("block")]
+    seq.ffn_units(model)  # the clear error for models without attention blocks
+    probe = keras.Model(model.inputs, [block.input[0] for block in blocks])
+    sums = {block.name: 0.0 for block in blocks}
+    rows = 0
+    for start in range(0, len(histories), batch_size):
+        batch = histories[start:start + batch_size]
+        inputs = probe(batch, training=False)
+        inputs = inputs if isinstance(inputs, (list, tuple)) else [inputs]
+        valid = (batch > 0).reshape(-1)
+        for block, x in zip(blocks, inputs, strict=True):
+            hidden = block.ffn_hidden(x, batch).numpy().reshape(-1, block.dim)[valid]
+            sums[block.name] = sums[block.name] + np.abs(hidden).sum(axis=0, dtype=np.float64)
+        rows += int(valid.sum())
+    return {name: total / max(rows, 1) for name, total in sums.items()}
+
+
 @dataclass
 class ActivationPruning:
     """Technique ``prune-activation``: keep the given fraction of units per layer, then fine-tune."""
@@ -65,10 +85,21 @@ class ActivationPruning:
     calibration: int = 1024
     epochs: float = 1.0
     max_pairs: int | None = None
+    ffn_keep: float = 0.5
     name: str = "prune-activation"
 
     def apply(self, model: keras.Model, dataset: Dataset) -> StepResult:
-        """Score units on real training histories, remove the weakest, fine-tune."""
+        """Score units on real training histories, remove the weakest, fine-tune.
+
+        On a sequential model the units are the attention blocks' feed-forward units, kept at
+        ``ffn_keep`` per block (``seq.structured_mask_tune``).
+        """
+        if seq.is_sequential(model):
+            histories = calibration_histories(dataset, model_window(model), self.calibration)
+            scores = ffn_activation_scores(model, histories)
+            pruned, notes = seq.structured_mask_tune(model, dataset, scores, self.ffn_keep, epochs=self.epochs,
+                                                     max_pairs=self.max_pairs)
+            return StepResult(pruned, [self.name], notes | {"criterion": "mean", "calibration": len(histories)})
         keep = removable_keep(model, self.keep)
         histories = calibration_histories(dataset, model_window(model), self.calibration)
         scores = activation_scores(model, histories, list(keep), self.criterion)

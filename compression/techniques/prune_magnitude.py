@@ -15,6 +15,7 @@ import tensorflow_model_optimization as tfmot
 import tf_keras as keras
 
 from compression.data import Dataset
+from compression.techniques import sequential as seq
 from compression.techniques.base import StepResult, TechniqueError
 from compression.techniques.common import clone_model, fine_tune, model_window, training_arrays
 
@@ -96,6 +97,48 @@ def magnitude_prune_tfmot(model: keras.Model, dataset: Dataset, target: float, *
     return clone_model(stripped, name=model.name)
 
 
+def magnitude_prune_sequential(model: keras.Model, dataset: Dataset, target: float, *, gradual: bool,
+                               epochs: float = 1.0, batch_size: int = 256, learning_rate: float = 5e-4,
+                               power: int = 3, max_pairs: int | None = None) -> keras.Model:
+    """Magnitude pruning of a sequential model's matrices (item table, FPMC, attention kernels).
+
+    tfmot's ``prune_low_magnitude`` only wraps top-level Dense/Embedding layers, and these
+    Dense layers sit inside the attention blocks; so the same polynomial schedule (0 ->
+    ``target`` over the first 2/3 of the steps, masks refreshed every ``frequency`` steps) is
+    kept as masks re-applied after every step. ``gradual`` False = one-shot, no training.
+    """
+    _check_target(target)
+    out = seq.rebuild(model)
+    variables = seq.matrices(out)
+    if not gradual:
+        seq.apply_masks(variables, seq.global_magnitude_masks(variables, target))
+        return out
+    n_pairs = len(training_arrays(dataset, model_window(model), max_pairs=max_pairs)[0])
+    steps = max(1, int(round(epochs * n_pairs / batch_size)))
+    end_step = max(1, (2 * steps) // 3)
+    frequency = max(1, min(_MAX_FREQUENCY, end_step // 10))
+    masks: dict[str, np.ndarray] = {}
+    levels: list[float] = []
+
+    def project(step: int) -> None:
+        if step < 0 or step >= end_step:
+            level = target
+        elif step % frequency == 0:
+            level = target * (1.0 - (1.0 - step / end_step) ** power)
+        else:
+            level = levels[-1]
+        if not levels or level != levels[-1]:
+            levels.append(level)
+            masks.update(seq.global_magnitude_masks(variables, level))
+        seq.apply_masks(variables, masks)
+
+    seq.constrained_fine_tune(out, dataset, project, epochs=epochs, learning_rate=learning_rate,
+                              max_pairs=max_pairs)
+    _LOGGER.info("sequential magnitude pruning: %d steps, schedule end %d, frequency %d", steps, end_step,
+                 frequency)
+    return out
+
+
 @dataclass
 class MagnitudePruning:
     """Technique ``prune-magnitude``: ``method`` "tfmot" (schedule + fine-tune) or "oneshot"."""
@@ -108,6 +151,16 @@ class MagnitudePruning:
 
     def apply(self, model: keras.Model, dataset: Dataset) -> StepResult:
         """Prune to ``target`` sparsity; the notes carry the sparsity actually reached."""
+        if self.method not in ("oneshot", "tfmot"):
+            raise TechniqueError(f"prune-magnitude method must be 'tfmot' or 'oneshot', got {self.method!r}")
+        if seq.is_sequential(model):
+            pruned = magnitude_prune_sequential(model, dataset, self.target, gradual=self.method == "tfmot",
+                                                epochs=self.epochs, max_pairs=self.max_pairs)
+            reached = seq.sparsity_of(seq.matrices(pruned))
+            return StepResult(pruned, [self.name], {"method": self.method, "target": self.target,
+                                                    "sparsity": reached, "scope": "item table, FPMC factors "
+                                                    "and attention kernels; masks (tfmot cannot wrap the "
+                                                    "Dense layers inside the attention blocks)"})
         if self.method == "oneshot":
             pruned = magnitude_prune_oneshot(model, self.target)
         elif self.method == "tfmot":

@@ -19,6 +19,8 @@ from compression.techniques.base import StepResult, TechniqueError
 _LOGGER = logging.getLogger(__name__)
 
 PTQ_MODES = {"ptq-dynamic": "dynamic", "ptq-int8": "int8", "ptq-float16": "float16"}
+# the same technique as ptq-dynamic with one weight scale per tensor (see compression.export)
+_ALSO = {"dynamic-tensor": "ptq-dynamic"}
 
 
 @dataclass
@@ -28,14 +30,14 @@ class PostTrainingQuantization:
     mode: str = "int8"
 
     def __post_init__(self) -> None:
-        modes = sorted(set(PTQ_MODES.values()))
+        modes = sorted(set(PTQ_MODES.values()) | set(_ALSO))
         if self.mode not in modes:
             raise TechniqueError(f"PTQ mode must be one of {modes}, got {self.mode!r}")
 
     @property
     def name(self) -> str:
         """The technique name, e.g. ``ptq-int8``."""
-        return f"ptq-{self.mode}"
+        return _ALSO.get(self.mode, f"ptq-{self.mode}")
 
     def apply(self, model: keras.Model, dataset: Dataset) -> StepResult:
         """Pass the model through and request the export quantization mode."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import tensorflow_model_optimization as tfmot
 import tf_keras as keras
 
@@ -41,6 +42,44 @@ def quantize_dense_layers(model: keras.Model) -> keras.Model:
         return tfmot.quantization.keras.quantize_apply(annotated)
 
 
+def int8_grid(values: np.ndarray, axis: int) -> np.ndarray:
+    """Symmetric int8 round trip with one scale per slice along ``axis`` (rows of a table, kernel columns)."""
+    reduce = tuple(a for a in range(values.ndim) if a != axis % values.ndim)
+    scale = np.max(np.abs(values), axis=reduce, keepdims=True) / 127.0
+    scale = np.where(scale > 0, scale, 1.0)
+    return (np.clip(np.round(values / scale), -127, 127) * scale).astype(np.float32)
+
+
+def qat_sequential(model: keras.Model, dataset: Dataset, *, epochs: float, learning_rate: float,
+                   max_pairs: int | None = None) -> tuple[keras.Model, dict]:
+    """Weight QAT of a sequential model with a straight-through estimator, through a callback.
+
+    tfmot's ``quantize_apply`` needs top-level Dense layers (and has no Embedding path); here
+    every matrix trains on the int8 grid: each step's gradient is taken at the int8 weights and
+    added to float shadow weights (the straight-through estimator), which are snapped to the grid
+    again. Activations stay float, which is what a dynamic-range export runs.
+    """
+    from compression.techniques import sequential as seq
+
+    out = seq.rebuild(model)
+    variables = seq.matrices(out)
+    axes = {name: 0 if name.startswith(("item_embedding", "transitions")) else -1 for name in variables}
+    shadow = {name: v.numpy() for name, v in variables.items()}
+    snapped: dict[str, np.ndarray] = {}
+
+    def project(step: int) -> None:
+        for name, variable in variables.items():
+            if step != 0:
+                shadow[name] = shadow[name] + (variable.numpy() - snapped[name])
+            snapped[name] = int8_grid(shadow[name], axes[name])
+            variable.assign(snapped[name])
+
+    history = seq.constrained_fine_tune(out, dataset, project, epochs=epochs, learning_rate=learning_rate,
+                                        max_pairs=max_pairs)
+    return out, {"quantized_matrices": sorted(variables), "scheme": "int8 symmetric, per row/channel, STE",
+                 "fine_tune": history}
+
+
 @dataclass
 class QuantizationAwareTraining:
     """Technique ``qat``: annotate Dense layers, fine-tune with fake quantization."""
@@ -54,6 +93,14 @@ class QuantizationAwareTraining:
     def apply(self, model: keras.Model, dataset: Dataset) -> StepResult:
         """Return the fake-quantized, fine-tuned model (terminal: only export may follow)."""
         check_quantization(self.export_mode)
+        from compression.techniques.sequential import is_sequential
+
+        if is_sequential(model):
+            trained, notes = qat_sequential(model, dataset, epochs=self.epochs, learning_rate=self.learning_rate,
+                                            max_pairs=self.max_pairs)
+            mode = "dynamic-tensor" if self.export_mode == "int8" else self.export_mode
+            notes["export"] = f"{mode} (int8 weights, float activations: full-int8 outputs tie scores)"
+            return StepResult(trained, [self.name], notes, quantization=mode)
         qat_model = quantize_dense_layers(model)
         history = fine_tune(qat_model, dataset, epochs=self.epochs, learning_rate=self.learning_rate,
                             max_pairs=self.max_pairs)

@@ -102,6 +102,10 @@ class LinearQuantization:
         _check_bits(self.bits)
         if self.granularity not in GRANULARITIES:
             raise TechniqueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        from compression.techniques import sequential as seq
+
+        if seq.is_sequential(model):
+            return self._apply_sequential(model, seq)
         out = clone_model(model)
         per_layer = {}
         for name in self.layers:
@@ -116,3 +120,20 @@ class LinearQuantization:
         _LOGGER.info("quant-linear %d-bit per %s: %s", self.bits, self.granularity, per_layer)
         return StepResult(out, [self.name], {"bits": self.bits, "granularity": self.granularity,
                                              "simulated": True, "layers": per_layer})
+
+    def _apply_sequential(self, model: keras.Model, seq) -> StepResult:
+        """Every matrix of a sequential model (tables per item row, kernels per output channel)."""
+        out = seq.rebuild(model)
+        per_matrix = {}
+        for name, variable in seq.matrices(out).items():
+            values = variable.numpy()
+            table = name.startswith(("item_embedding", "transitions"))
+            axis = None if self.granularity == "tensor" else (0 if table else -1)
+            q = linear_quantize(values, self.bits, axis)
+            approx = linear_dequantize(q)
+            per_matrix[name] = {"float32_bytes": int(values.size * 4), "packed_bytes": q.packed_bytes(),
+                                "max_abs_error": float(np.max(np.abs(approx - values)))}
+            variable.assign(approx.astype(values.dtype))
+        _LOGGER.info("quant-linear %d-bit per %s on %d matrices", self.bits, self.granularity, len(per_matrix))
+        return StepResult(out, [self.name], {"bits": self.bits, "granularity": self.granularity,
+                                             "simulated": True, "layers": per_matrix})

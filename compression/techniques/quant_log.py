@@ -56,17 +56,26 @@ class LogQuantization:
     def apply(self, model: keras.Model, dataset: Dataset) -> StepResult:
         """Replace each named kernel by its power-of-two round trip."""
         del dataset  # post-training, data-free
-        out = clone_model(model)
+        from compression.techniques import sequential as seq
+
+        if seq.is_sequential(model):  # every matrix (table, FPMC, attention kernels)
+            out = seq.rebuild(model)
+            targets = [(name, variable, None) for name, variable in seq.matrices(out).items()]
+        else:
+            out = clone_model(model)
+            targets = [(name, None, out.get_layer(name)) for name in self.layers]
         per_layer = {}
-        for name in self.layers:
-            layer = out.get_layer(name)
-            weights = layer.get_weights()
+        for name, variable, layer in targets:
+            weights = [variable.numpy()] if layer is None else layer.get_weights()
             values, e_max = log2_quantize(weights[0], self.bits)
             rel = float(np.linalg.norm(values - weights[0]) / max(np.linalg.norm(weights[0]), 1e-12))
             per_layer[name] = {"e_max": e_max, "relative_error": rel,
                                "packed_bytes": int(np.ceil(weights[0].size * self.bits / 8)) + 1,
                                "distinct": int(len(np.unique(values)))}
             weights[0] = values.astype(weights[0].dtype)
-            layer.set_weights(weights)
+            if layer is None:
+                variable.assign(weights[0])
+            else:
+                layer.set_weights(weights)
         _LOGGER.info("quant-log %d-bit: %s", self.bits, per_layer)
         return StepResult(out, [self.name], {"bits": self.bits, "simulated": True, "layers": per_layer})
