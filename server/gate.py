@@ -69,6 +69,8 @@ def _figure(report: dict[str, Any], limit: Limit) -> tuple[float | None, str]:
         if value <= 0:
             return None, f"paired median ratio {value!r} is not positive"
         value = (value - 1.0) * 100.0
+        if not math.isfinite(value):  # a finite ratio near the float maximum overflows as a percentage
+            return None, f"paired median ratio {raw!r:.40} is out of range"
     return value, ""
 
 

@@ -134,6 +134,17 @@ def test_relative_regression_against_the_incumbent(real_report: dict) -> None:
     assert _checks(evaluate(report, load_policy()))["p90_regression_pct"]["outcome"] == PASS
 
 
+def test_a_ratio_that_overflows_as_a_percentage_is_unavailable_not_infinite(real_report: dict) -> None:
+    """Found by the decoder fuzz test: 1.8e306 is finite, (1.8e306 - 1) * 100 is not, and an infinite
+    figure in the verdict's checks cannot be written as JSON."""
+    report = copy.deepcopy(real_report)
+    report["paired"] = {"incumbent_version": 1, "median_ratio_p50": 1.8e306, "pairs": 200}
+    result = evaluate(report, load_policy())
+    check = _checks(result)["p90_regression_pct"]
+    assert check["figure"] is None and "out of range" in check["note"]
+    json.dumps(result.checks, allow_nan=False)
+
+
 def test_non_numeric_figure_is_unavailable_not_a_crash(real_report: dict) -> None:
     report = copy.deepcopy(real_report)
     report["quality"]["agreement_at_k"] = "high"
