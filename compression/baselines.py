@@ -12,15 +12,21 @@ import logging
 import weakref
 
 import numpy as np
-from scipy import sparse
 
 from compression.data import DEFAULT_WINDOW, Dataset
+from compression.evidence import (  # noqa: F401 - history_weights/popularity_scores are part of this API
+    DEFAULT_DECAY,
+    history_weights,
+    popularity_prior,
+    popularity_scores,
+    sparse_history_weights,
+)
 from compression.metrics import DEFAULT_CHUNK, RankingAccumulator
 from compression.neighbours import dense_from_table, table_bytes, top_n_table
+from compression.sknn import device_bytes, evaluate_sknn
 
 _LOGGER = logging.getLogger(__name__)
 
-DEFAULT_DECAY = 0.8
 DECAY_GRID = (0.1, 0.2, 0.3, 0.5, 0.8, 1.0)
 TABLE_SIZES = (20, 50)
 SKNN_GRID = {"k": (20, 50, 100), "decay": (1.0, 0.5, 0.3, 0.1)}
@@ -28,14 +34,6 @@ SKNN_GRID = {"k": (20, 50, 100), "decay": (1.0, 0.5, 0.3, 0.1)}
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def popularity_scores(dataset: Dataset) -> np.ndarray:
-    """Score vector [V+1]: how often each item was bought in the training parts."""
-    return dataset.popularity.astype(np.float64)
-
-
-def popularity_prior(dataset: Dataset) -> np.ndarray:
-    """A tiny popularity score [V+1] that only breaks ties among items with no other evidence."""
-    return popularity_scores(dataset).astype(np.float32) * 1e-6 / max(1, dataset.popularity.max())
 
 
 def transition_matrix(dataset: Dataset, normalised: bool = False) -> np.ndarray:
@@ -53,17 +51,6 @@ def transition_matrix(dataset: Dataset, normalised: bool = False) -> np.ndarray:
         counts /= np.maximum(counts.sum(axis=1, keepdims=True), 1.0)
     return counts
 
-
-def history_weights(histories: np.ndarray, size: int, decay: float = DEFAULT_DECAY) -> np.ndarray:
-    """W[u, i] = sum of decay**age over the positions of item i in history u (age 0 = most recent)."""
-    histories = np.asarray(histories)
-    window = histories.shape[1]
-    ages = decay ** np.arange(window - 1, -1, -1, dtype=np.float64)  # left-padded: last column newest
-    weights = np.zeros((len(histories), size), dtype=np.float32)
-    rows = np.repeat(np.arange(len(histories)), window)
-    np.add.at(weights, (rows, histories.reshape(-1)), np.tile(ages, len(histories)).astype(np.float32))
-    weights[:, 0] = 0.0  # padding carries no evidence
-    return weights
 
 
 def evaluate_popularity(dataset: Dataset, split: str = "test") -> dict[str, float]:
@@ -95,17 +82,6 @@ def evaluate_transitions(dataset: Dataset, transitions: np.ndarray, split: str =
         acc.add(np.asarray(weights @ transitions) + prior, targets[start:start + DEFAULT_CHUNK])
     return acc.result()
 
-
-def sparse_history_weights(histories: np.ndarray, size: int, decay: float) -> sparse.csr_matrix:
-    """``history_weights`` as a sparse matrix: at most L non-zeros per row makes W @ T cheap."""
-    histories = np.asarray(histories)
-    window = histories.shape[1]
-    ages = (decay ** np.arange(window - 1, -1, -1, dtype=np.float64)).astype(np.float32)
-    rows = np.repeat(np.arange(len(histories)), window)
-    cols = histories.reshape(-1)
-    keep = cols > 0  # padding carries no evidence
-    vals = np.tile(ages, len(histories))[keep]
-    return sparse.csr_matrix((vals, (rows[keep], cols[keep])), shape=(len(histories), size))
 
 
 def evaluate_itemknn(dataset: Dataset, split: str = "test", window: int = DEFAULT_WINDOW,
@@ -151,7 +127,6 @@ def tune_itemknn(dataset: Dataset, decays: tuple[float, ...] = DECAY_GRID,
 
 def tune_sknn(dataset: Dataset, window: int = DEFAULT_WINDOW) -> dict:
     """Session-kNN with k and the recency decay chosen on validation, reported on test."""
-    from compression.sknn import device_bytes, evaluate_sknn
 
     grid = []
     for k in SKNN_GRID["k"]:

@@ -32,7 +32,6 @@ from compression.data import Dataset
 from compression.export import export_artifact
 from compression.reference import load_reference_model, obtain_references  # noqa: F401 - re-exported
 from compression.report import markdown_table, pareto_front, pareto_plot
-from compression.search_cli import register_search_subcommand  # noqa: F401 - the CLI half, re-exported
 from compression.techniques import Recipe, StepResult
 from compression.tflite_eval import INPUT_NAME, RECOMMEND
 from compression.variants import (  # noqa: F401 - the search's public names live here too

@@ -13,8 +13,8 @@ import logging
 import numpy as np
 from scipy import sparse
 
-from compression.baselines import popularity_prior, sparse_history_weights
 from compression.data import DEFAULT_WINDOW, Dataset
+from compression.evidence import popularity_prior, sparse_history_weights
 from compression.metrics import DEFAULT_CHUNK, RankingAccumulator
 
 _LOGGER = logging.getLogger(__name__)

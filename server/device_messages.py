@@ -7,7 +7,8 @@ forged message changes nothing once the deployment moved on.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Protocol
 
 from protocol import signing
 from protocol.messages import Event, Report, Verdict
@@ -18,7 +19,9 @@ from server.registry import DeploymentRecord, Registry, RegistryError
 from server.transfer import iso_time
 
 if TYPE_CHECKING:
-    from server.deployer import Deployer
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from server.reports import ReportQueue
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -30,10 +33,29 @@ DEVICE_ERRORS = frozenset({_E.MANIFEST_REJECTED, _E.VERDICT_REJECTED, _E.COMMAND
 PINNED_KEY_MISMATCH = "does not match the pinned server key"
 
 
+class Delivery(Protocol):
+    """What device messages may ask of the deployer that owns them (`server.deployer.Deployer`):
+    declared here so this module needs nothing from the deployer's."""
+
+    registry: Registry
+    key: Ed25519PrivateKey
+    policy: Policy
+    reports: ReportQueue
+
+    def send_chunks(self, dep: DeploymentRecord, indices: Iterable[int] | None) -> None: ...
+
+    def publish_verdict(self, dep: DeploymentRecord, verdict: Verdict) -> None: ...
+
+    def transition(self, dep: DeploymentRecord, status: str, from_statuses: Iterable[str], reason: str, *,
+                   report: dict | None = None, verdict: dict | None = None) -> bool: ...
+
+    def finish(self, dep: DeploymentRecord, status: str, reason: str) -> bool: ...
+
+
 class DeviceMessages:
     """Handles one deployer's device events and reports (on the server's worker thread)."""
 
-    def __init__(self, deployer: Deployer) -> None:
+    def __init__(self, deployer: Delivery) -> None:
         self.deployer = deployer
 
     @property

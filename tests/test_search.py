@@ -17,11 +17,11 @@ from compression.search import (
     SearchRun,
     Variant,
     default_variants,
-    register_search_subcommand,
     run_search,
     select_best,
     select_variants,
 )
+from compression.search_cli import register_search_subcommand
 from compression.techniques import TECHNIQUE_NAMES, MagnitudePruning, PostTrainingQuantization
 
 FAST_LATENCY = LatencyConfig(warmup_runs=2, warmup_seconds=0.0, min_runs=20, min_seconds=0.0)
