@@ -38,7 +38,7 @@ from agent.model import LoadedModel, open_model
 from agent.outbox import Outbox, OutboxFlusher
 from agent.runtime import ModelLoadError, RuntimeInfo, detect_runtime
 from agent.store import ModelStore, SlotRef, StoreError
-from agent.transfer import Admission, ChunkRejected, ManifestRejected, Receiver, check_manifest
+from agent.transfer import PROGRESS_REASON, Admission, ChunkRejected, ManifestRejected, Receiver, check_manifest
 from protocol import chunking, signing
 from protocol.errors import ProtocolError, SignatureError
 from protocol.limits import DEFAULT_LIMITS
@@ -524,6 +524,9 @@ class Agent:
             return
         if fresh:
             dep.last_progress = time.monotonic()
+            if dep.receiver.ack_due():  # the server's window moves on (server/window.py)
+                self._event("need_chunks", deployment_id=dep.deployment_id, missing=dep.receiver.missing(),
+                            version=dep.manifest.version, reason=PROGRESS_REASON)
         if dep.receiver.complete:
             self._complete(dep)
 

@@ -31,7 +31,7 @@ from protocol.artifact import unpacked_size
 from protocol.limits import DEFAULT_LIMITS
 from protocol.messages import Command, Event, Manifest, Report, Verdict
 from protocol.topics import Topics
-from server import gate, reports
+from server import gate, reports, window
 from server.policy import Policy
 from server.registry import ACTIVE, ArtifactRecord, DeploymentRecord, DeviceRecord, Registry, RegistryError
 
@@ -94,12 +94,14 @@ class IncompatibleRuntimeError(DeployError):
 class DeployerConfig:
     """Transfer parameters; `max_resends` bounds how often one chunk is sent again before giving up.
 
+    `window_bytes`: chunks in flight to one device at a time (server.window), sized to the round trip.
     `offline_grace_s`: how long a device may stay offline (its retained state or Last Will says so)
     during a deployment before the deployment ends as `timeout` with that reason; long enough for an
     agent restart or a reboot, short against the whole `deadline_s`.
     """
 
     chunk_size: int = DEFAULT_LIMITS.default_chunk_bytes
+    window_bytes: int = 2 * 1024 * 1024
     deadline_s: float = 1800.0
     max_resends: int = 10
     offline_grace_s: float = 120.0
@@ -107,6 +109,8 @@ class DeployerConfig:
     def __post_init__(self) -> None:
         if not 1 <= self.chunk_size <= DEFAULT_LIMITS.max_chunk_bytes:
             raise ValueError(f"chunk_size must be in [1, {DEFAULT_LIMITS.max_chunk_bytes}], got {self.chunk_size}")
+        if self.window_bytes < self.chunk_size:
+            raise ValueError(f"window_bytes must be >= chunk_size ({self.chunk_size}), got {self.window_bytes}")
         if self.deadline_s <= 0:
             raise ValueError(f"deadline_s must be > 0, got {self.deadline_s}")
         if self.max_resends < 0:
@@ -268,11 +272,13 @@ class Deployer:
         _LOGGER.info("sent manifest of %s to %s (%d bytes in %d chunks)", dep.deployment_id, dep.device_id,
                      manifest.total_size, manifest.chunk_count)
 
-    def send_chunks(self, dep: DeploymentRecord, indices: Iterable[int] | None) -> None:
-        """Publish the requested chunks (all when `indices` is None), counting re-sends.
+    def send_chunks(self, dep: DeploymentRecord, indices: Iterable[int] | None, *, resend: bool = True) -> None:
+        """Publish the next window of the chunks the device misses (all when `indices` is None).
 
-        The chunks go out in one loop before the re-send counts are written: paho queues them at
-        once (its in-flight window holds a whole model) and the device never waits on our database.
+        Only a window of chunks is in flight (server.window): the device's progress acknowledgements
+        top it up, and chunks already in flight go out again only when `resend` (the device stalled,
+        or a fresh manifest answer). The chunks go out in one loop before the re-send counts are
+        written, so the device never waits on our database.
         """
         try:
             prepared = self._prepared_for(dep)
@@ -286,6 +292,10 @@ class Deployer:
             _LOGGER.warning("%s: device asked for chunks %s outside 0..%d; ignoring them", dep.deployment_id,
                             bad[:10], len(pieces) - 1)
             wanted = [i for i in wanted if 0 <= i < len(pieces)]
+        wanted = window.plan(wanted, dep.resends, window.window_chunks(self.config.window_bytes, dep.chunk_size),
+                             resend=resend).indices
+        if not wanted:
+            return
         resends = dict(dep.resends)
         for i in wanted:
             count = resends.get(str(i), -1) + 1  # -1: never sent
@@ -366,7 +376,7 @@ class Deployer:
             if event.missing is None:  # the agent follows up with need_chunks naming the index
                 _LOGGER.info("%s for %s: %s", kind, dep.deployment_id, event.reason)
             elif dep.status in {"pending", "transferring"}:
-                self.send_chunks(dep, event.missing)
+                self.send_chunks(dep, event.missing, resend=event.reason in window.RESEND_REASONS)
         elif kind == "manifest_rejected":
             self._finish(dep, "rejected",
                          self.explain(f"device rejected the manifest: {event.reason or 'no reason given'}"))
