@@ -21,6 +21,7 @@ from protocol.mqtt import MqttLink
 from protocol.redact import redact_url
 from protocol.topics import Topics
 from server import keys
+from server.db import DatabaseUnavailable
 from server.deployer import ChunkTransform, Deployer, DeployerConfig
 from server.ingest import DeviceRateLimiter, IngestLimits, bounded
 from server.policy import Policy, load_policy
@@ -176,7 +177,7 @@ class EdgeGuideServer:
                 self._guarded(getattr(item, "__name__", "call"), b"", item)
             elif item:
                 topic, payload = item
-                self._guarded(topic, payload, lambda t=topic, p=payload: self.handle(t, p))
+                self._guarded(topic, payload, lambda t=topic, p=payload: self._handle_until_stored(t, p))
             if time.monotonic() >= next_tick:
                 if time.monotonic() >= next_alive:
                     self._guarded("alive", b"", lambda: self.registry.server_alive(self.config.client_id))
@@ -187,6 +188,24 @@ class EdgeGuideServer:
                 if next_tick >= next_prune:
                     self._guarded("prune", b"", self._prune)
                     next_prune = time.monotonic() + self.ingest_limits.prune_interval_s
+
+    def _handle_until_stored(self, topic: str, payload: bytes) -> None:
+        """handle(), retried while the registry database is unreachable (a restart, a failover).
+
+        The broker already counts the message as delivered: dropping it would lose a report or an
+        event. Handling is idempotent per message (a repeated report re-sends the recorded verdict).
+        """
+        delay = 0.2
+        while True:
+            try:
+                self.handle(topic, payload)
+                return
+            except DatabaseUnavailable as exc:
+                if self._stopping.is_set():
+                    raise
+                _LOGGER.warning("registry unavailable while handling %r, retrying in %.1f s: %s", topic, delay, exc)
+                self._stopping.wait(delay)
+                delay = min(5.0, delay * 2)
 
     def _guarded(self, topic: str, payload: bytes, fn: Callable[[], object]) -> None:
         try:
