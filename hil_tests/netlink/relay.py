@@ -62,8 +62,9 @@ def _listen(host: str, port: int) -> socket.socket:
 class LinkState:
     """What all connections through the link share: stalls, the cut, byte counts."""
 
-    def __init__(self, profile: LinkProfile) -> None:
+    def __init__(self, profile: LinkProfile, manual_cut_s: float | None = None) -> None:
         self.profile = profile
+        self.manual_cut_s = manual_cut_s
         self.rng = random.Random(profile.seed)
         self.stall_until = 0.0
         self.cut_until = 0.0
@@ -82,8 +83,9 @@ class LinkState:
         return time.monotonic() < self.cut_until
 
     def cut(self, why: str) -> None:
-        """Drop every connection now and refuse new ones for `cut_s` (default 30 s without a profile cut)."""
-        seconds = self.profile.cut_s or 30.0
+        """Drop every connection now and refuse new ones for `cut_s` (SIGUSR1: --manual-cut-s, default 30 s)."""
+        manual = why == "SIGUSR1" and self.manual_cut_s is not None
+        seconds = self.manual_cut_s if manual else (self.profile.cut_s or 30.0)
         self.cut_done = True
         self.cut_until = time.monotonic() + seconds
         self.stats["cuts"].append({"at": time.time(), "seconds": seconds, "why": why,
@@ -226,11 +228,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile-json", required=True, help="a LinkProfile as JSON")
     parser.add_argument("--ready", type=Path, help="written once the relay accepts connections")
     parser.add_argument("--stats", type=Path, help="JSON stats written on SIGTERM")
+    parser.add_argument("--manual-cut-s", type=float, help="length of a cut started by SIGUSR1")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s relay %(message)s", stream=sys.stderr)
     profile = LinkProfile(**json.loads(args.profile_json))
     sock = listen_in_netns(args.netns, *args.listen)  # before any thread exists: setns is per thread
-    asyncio.run(serve(sock, args.target, LinkState(profile), args.ready, args.stats))
+    asyncio.run(serve(sock, args.target, LinkState(profile, args.manual_cut_s), args.ready, args.stats))
     return 0
 
 
