@@ -158,7 +158,8 @@ def rollout(registry: Any, device_ids: list[str], artifact: Any, *, canary: int,
     stage_started: dict[int, float] = {}
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        row = registry.db.query("SELECT status, stage FROM rollouts WHERE rollout_id = ?", (record.rollout_id,))[0]
+        row = query_retrying(registry, "SELECT status, stage FROM rollouts WHERE rollout_id = ?",
+                             (record.rollout_id,))[0]
         if int(row["stage"]) != seen_stage:
             seen_stage = int(row["stage"])
             stage_started[seen_stage] = round(time.time() - t0, 2)
@@ -181,6 +182,20 @@ def rollout(registry: Any, device_ids: list[str], artifact: Any, *, canary: int,
             "stages": [{"name": s.name, "devices": len(s.devices), "started_s": stage_started.get(i)}
                        for i, s in enumerate(plan.stages)],
             "outcomes": outcomes, "duplicate_deployments": duplicates}
+
+
+def query_retrying(registry: Any, sql: str, params: tuple = (), timeout: float = 120) -> list[dict[str, Any]]:
+    """registry.db.query, retried while the database restarts (a fault the benchmark injects)."""
+    from server.db import DatabaseUnavailable
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return registry.db.query(sql, params)
+        except DatabaseUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def new_prefix() -> str:

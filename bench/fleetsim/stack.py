@@ -134,9 +134,13 @@ class Relay:
 
 def bridge_conf(name: str, core_port: int, prefix: str) -> list[str]:
     """mosquitto bridge lines: device up topics out to the core, down topics in from it, QoS 1, persistent."""
-    # The shared base config says max_inflight_messages 0 (unlimited); a bridge sends that as its MQTT 5
-    # Receive Maximum, and 0 is a protocol error there: the core broker drops every bridge CONNECT.
-    return ["max_inflight_messages 1000", f"connection {name}", f"address 127.0.0.1:{core_port}", "bridge_protocol_version mqttv50",
+    # MQTT 3.1.1 for the bridge: mosquitto 2.0's MQTT 5 bridge sends no session expiry, so the core
+    # drops its session when the link drops and whatever was published for its devices meanwhile
+    # (seen: manifests lost for good). 3.1.1's clean session false keeps it. The servers still use
+    # MQTT 5 on the core for `$share`. (And max_inflight_messages 0 from the base config would go
+    # out as an MQTT 5 Receive Maximum of 0: a protocol error.)
+    return ["max_inflight_messages 1000", f"connection {name}", f"address 127.0.0.1:{core_port}",
+            "bridge_protocol_version mqttv311",
             f"remote_clientid {name}", "cleansession false", "restart_timeout 1 5", "keepalive_interval 20",
             "try_private false", f"topic {prefix}/dev/+/up/# out 1", f"topic {prefix}/dev/+/down/# in 1"]
 
