@@ -23,7 +23,7 @@ from protocol import names
 from protocol.errors import ProtocolError
 from server.deployer import Deployer, DeployError
 from server.policy import Policy
-from server.registry import Registry, RegistryError
+from server.registry import TERMINAL, Registry, RegistryError
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -300,17 +300,17 @@ class RolloutManager:
         self.deployer.start(dep.deployment_id)
 
     def _collect_outcomes(self, rollout: RolloutRecord) -> None:
-        for member in rollout.devices.values():
-            dep_id = member["deployment_id"]
-            if member["outcome"] is not None or dep_id in (None, _CLAIM):
-                continue
-            dep = self.registry.deployment(dep_id)
-            if not dep.terminal:
-                continue
-            outcome = "promoted" if dep.status == "promoted" else "failed"
+        # One query for the whole stage, not one per device: a 10,000-device wave is polled every tick.
+        terminal = sorted(TERMINAL)
+        rows = self.db.query(
+            "SELECT r.device_id, d.status, d.reason FROM rollout_devices r JOIN deployments d"
+            " ON d.deployment_id = r.deployment_id WHERE r.rollout_id = ? AND r.outcome IS NULL"
+            f" AND d.status IN ({', '.join('?' for _ in terminal)})", (rollout.rollout_id, *terminal))
+        for row in rows:
+            outcome = "promoted" if row["status"] == "promoted" else "failed"
             self.db.execute("UPDATE rollout_devices SET outcome = ?, detail = ? WHERE rollout_id = ? AND device_id = ?"
-                            " AND outcome IS NULL", (outcome, f"{dep.status}: {dep.reason}"[:500],
-                                                     rollout.rollout_id, member["device_id"]))
+                            " AND outcome IS NULL", (outcome, f"{row['status']}: {row['reason']}"[:500],
+                                                     rollout.rollout_id, row["device_id"]))
 
     def _roll_back_promoted(self, rollout: RolloutRecord, members: list[dict[str, Any]]) -> None:
         """Tell each promoted device of the failed stage to switch back to its previous model (once)."""
