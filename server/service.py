@@ -194,11 +194,14 @@ class EdgeGuideServer:
 
         The broker already counts the message as delivered: dropping it would lose a report or an
         event. Handling is idempotent per message (a repeated report re-sends the recorded verdict).
+        One transaction per message: its writes land together (one commit, one WAL flush on
+        PostgreSQL instead of one per statement) or not at all, and then the retry redoes them.
         """
         delay = 0.2
         while True:
             try:
-                self.handle(topic, payload)
+                with self.registry.db.transaction():
+                    self.handle(topic, payload)
                 return
             except DatabaseUnavailable as exc:
                 if self._stopping.is_set():
