@@ -26,6 +26,7 @@ import logging
 import os
 import platform
 import resource
+import signal
 import sys
 import tempfile
 import threading
@@ -234,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--drain-timeout", type=float, default=900.0, help="seconds to wait for every report")
     parser.add_argument("--rollout-timeout", type=float, default=3600.0, help="seconds the rollout may take")
     args = parser.parse_args(argv)
+    # SIGTERM (a `timeout`, a CI cancel) unwinds like Ctrl-C: the brokers, PostgreSQL and servers are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for noisy in ("server", "protocol", "bench.fleetsim"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
