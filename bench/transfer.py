@@ -11,7 +11,11 @@
 - fleet: the same artifact deployed at once to --fleet in-process `agent.daemon.Agent` instances
   (real agent code, one process, short measurement), timed to the last `download_complete` and to
   the last promotion; `all_verified` means every agent reported the model loaded, was promoted and
-  names the new version in its retained state.
+  names the new version in its retained state;
+- links (--links, root only): for each emulated device link profile (wifi, lte, poor; see
+  hil_tests/netlink and bench/transfer_links.py) raw QoS 1 and a real deployment to an agent in its
+  own network namespace: links.<profile>.{raw_mib_s, deploy_mib_s, ratio, seconds, resent_chunks,
+  resumed}.
 
 Without --artifact a real model of about --target-mib is trained (1 epoch, widths chosen for the
 size) and exported in a subprocess (this process never imports TensorFlow), cached in --workdir.
