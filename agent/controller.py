@@ -30,7 +30,7 @@ from agent.model import LoadedModel
 from agent.recovery import open_active, open_slot, resume_staging
 from agent.runtime import ModelLoadError, RuntimeInfo, detect_runtime
 from agent.store import ModelStore, StoreError
-from agent.transfer import Admission, ChunkRejected, ManifestRejected, Receiver, check_manifest
+from agent.transfer import PROGRESS_REASON, Admission, ChunkRejected, ManifestRejected, Receiver, check_manifest
 from protocol import chunking, signing
 from protocol.errors import ProtocolError
 from protocol.limits import DEFAULT_LIMITS
@@ -288,6 +288,9 @@ class DeploymentController:
             return
         if fresh:
             dep.last_progress = time.monotonic()
+            if dep.receiver.ack_due():  # the server's window of chunks in flight moves on (server/window.py)
+                self.link.event(_E.NEED_CHUNKS, deployment_id=dep.deployment_id, missing=dep.receiver.missing(),
+                                version=dep.manifest.version, reason=PROGRESS_REASON)
         if dep.receiver.complete:
             self._complete(dep)
 

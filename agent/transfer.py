@@ -26,6 +26,11 @@ from protocol.schema import decode_object
 
 _LOGGER = logging.getLogger(__name__)
 
+# Every ACK_EVERY new chunks the agent names what it still misses (need_chunks, reason "progress"):
+# the server keeps only a window of chunks in flight (server/window.py) and tops it up on these.
+ACK_EVERY = 8
+PROGRESS_REASON = "progress"
+
 # Staging holds the packed blob while unpacking writes the files next to it: ask for room for
 # the blob, its unpacked form (a tflite barely compresses) and some slack.
 DISK_FACTOR = 3
@@ -132,6 +137,15 @@ class Receiver:
     def __init__(self, staging: Staging) -> None:
         self.staging = staging
         self.manifest = staging.manifest
+        self._since_ack = 0
+
+    def ack_due(self) -> bool:
+        """Count one new chunk; True every ACK_EVERY of them while chunks are still missing."""
+        self._since_ack += 1
+        if self._since_ack < ACK_EVERY or self.complete:
+            return False
+        self._since_ack = 0
+        return True
 
     @classmethod
     def start(cls, store: ModelStore, manifest: Manifest) -> Receiver:

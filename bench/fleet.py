@@ -1,28 +1,35 @@
-"""Fleet-scale ingestion benchmark: N simulated agents report to server processes through mosquitto.
+"""Fleet-scale benchmark: N simulated devices, bridged edge brokers, PostgreSQL, server processes.
 
-    python bench/fleet.py --json OUT [--agents 1000] [--procs 4] [--servers 2] [--artifact DIR]
+    python bench/fleet.py --json OUT [--agents 10000] [--procs 4] [--edges 2] [--servers 2] [--faults]
 
-Starts a loopback mosquitto, a registry with one real artifact (a tiny model is trained and
-exported when --artifact is not given) and `--servers` real `edgeguide-server serve` processes
-sharing the MQTT 5 `$share` group. Each simulated agent is its own paho client (own client id,
-own connection), spread over `--procs` processes; it publishes one Report (QoS 1) for its own
-deployment, which the servers decode, gate, answer with a signed verdict and record. Writes
-`agents`, `reports_per_s`, `lost_reports`, `server_cpu_s`, `p99_ingest_ms` (publish -> taken by a
-server worker and recorded) and the run's context. Never run in CI.
+Each simulated device is its own MQTT 5 session (`agent-<id>`, persistent, with a Last Will) on
+one of `--edges` mosquitto brokers bridged (mosquitto's bridge) to a core mosquitto; `--servers`
+real `edgeguide-server serve` processes share the device traffic through the core's `$share`
+group and keep the registry in PostgreSQL. Devices are multiplexed on one asyncio loop per
+simulator process (bench/fleetsim): paho's loop thread per device used select(), and a paho
+client whose socket descriptor is 1,024 or more never connects (select() raises, paho calls
+it a lost connection and retries forever) - why 2,000 agents on 4 processes never finished.
+
+Two phases: ingest (one report per device for a deployment already measuring: reports_per_s,
+lost_reports, p99) and a staged rollout of a new version to every device (canary, then waves)
+run by the server processes to its end (rollout_seconds, duplicate deployments, outcomes).
+--faults drops edge 0's bridge and SIGKILLs server 1 (restarted after 5 s) as wave 1 starts and
+restarts PostgreSQL as wave 2 starts. Never run in CI.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
-import multiprocessing as mp
 import os
 import platform
 import resource
-import subprocess
+import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -30,7 +37,11 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-_LOGGER = logging.getLogger(__name__)
+from bench.fleetsim import run as fleetrun  # noqa: E402 - after the sys.path line
+from bench.fleetsim.stack import Stack  # noqa: E402
+
+_LOGGER = logging.getLogger("bench.fleet")
+TARGET_REPORTS_PER_S = 767.0  # 1,000 paho agents on this machine before this design (issue 17)
 
 
 def _tiny_artifact(root: Path) -> Path:
@@ -45,159 +56,195 @@ def _tiny_artifact(root: Path) -> Path:
     return export_artifact(model, dataset, root / "tiny", model_id="fleet-tiny", k=10, check_compat=False)
 
 
-def _report_dict(device_id: str, deployment_id: str, model_id: str, version: int, size: int) -> dict[str, Any]:
-    """The report a Pi-class device sends for a passing candidate (figures of a quick-mode run)."""
-    return {"device_id": device_id, "deployment_id": deployment_id, "model_id": model_id, "version": version,
-            "load_ok": True, "mode": "quick", "runtime": {"name": "ai-edge-litert", "version": "2.3.0"},
-            "model_bytes": size,
-            "latency_ms": {"p50": 0.2, "p90": 0.3, "p99": 0.5, "mean": 0.22, "std": 0.05, "min": 0.15, "max": 0.9,
-                           "n": 1024, "duration_s": 60.0, "cold_start_ms": 3.0},
-            "memory": {"peak_rss_mib": 45.0, "load_delta_mib": 2.0},
-            "energy": {"source": "unavailable", "available": False},
-            "quality": {"agreement_at_k": 1.0, "ndcg_vs_reference": 1.0, "golden_n": 64}}
+class PeakSampler:
+    """Peak RSS of processes by pid, sampled every `every_s` on a thread (servers restart: new pids)."""
+
+    def __init__(self, pids: Any, every_s: float = 1.0) -> None:
+        self.pids = pids  # callable -> {name: pid}
+        self.every_s = every_s
+        self.peak: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self._stop.wait(self.every_s):
+            for name, pid in self.pids().items():
+                try:
+                    rss = psutil.Process(pid).memory_info().rss / 2**20
+                except psutil.Error:
+                    continue
+                self.peak[name] = max(self.peak.get(name, 0.0), rss)
+
+    def __enter__(self) -> PeakSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
 
 
-def _agent_proc(broker_url: str, prefix: str, work: list[tuple[str, str]], model: tuple[str, int, int],
-                ready: Any, go: Any, out: Any) -> None:
-    """One process of simulated agents: one paho client (own identity) per device, one report each."""
-    import paho.mqtt.client as paho
-    from paho.mqtt.enums import CallbackAPIVersion
+def _rss_mib(pid: int) -> float:
+    import psutil
 
-    from protocol.messages import Report
-    from protocol.topics import Topics
+    return psutil.Process(pid).memory_info().rss / 2**20
 
-    host, port = broker_url.removeprefix("mqtt://").rsplit(":", 1)
-    topics = Topics(prefix)
-    clients = []
-    for device_id, _dep in work:
-        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"fleet-{device_id}",
-                             protocol=paho.MQTTv5)
-        client.connect(host, int(port), keepalive=120)
-        client.loop_start()
-        clients.append(client)
-    deadline = time.monotonic() + 120
-    while not all(c.is_connected() for c in clients) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    ready.put(sum(c.is_connected() for c in clients))
-    go.wait()
-    sent, infos = {}, []
-    for client, (device_id, dep_id) in zip(clients, work, strict=True):
-        report = Report.from_dict({**_report_dict(device_id, dep_id, *model), "ts": time.time()})
-        sent[dep_id] = report.ts
-        infos.append(client.publish(topics.up(device_id, "report"), report.to_json(), qos=1))
-    acked = 0
-    for info in infos:
-        try:
-            info.wait_for_publish(60)
-            acked += info.is_published()
-        except (RuntimeError, ValueError):
-            pass
-    for client in clients:
-        client.disconnect()
-        client.loop_stop()
-    out.put({"sent": sent, "acked": acked})
+
+def wait_servers(registry: Any, names: list[str], since: float, timeout: float = 120) -> None:
+    """Until every server process stamped its row (it is connected and subscribed by then)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rows = registry.db.query("SELECT client_id, last_seen FROM servers")
+        if {r["client_id"] for r in rows if float(r["last_seen"]) >= since} >= set(names):
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"server processes {names} did not all come up within {timeout} s")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the brokers inherit it: 10,000+ sockets
+    work = Path(tempfile.mkdtemp(prefix="edgeguide-fleet-"))
+    started = time.time()
+    stack = Stack(work, fleetrun.new_prefix(), edges=args.edges, servers=args.servers, relay_bridges=args.faults,
+                  bridge_cut_s=5.0).start()
+    server_names = [f"fleet-server-{n}" for n in range(args.servers)]
+    faults: list[dict[str, Any]] = []
+    try:
+        registry = stack.registry()
+        artifact_dir = Path(args.artifact) if args.artifact else _tiny_artifact(work)
+        v1 = registry.register(artifact_dir)
+        wait_servers(registry, server_names, started)
+        brokers_before = {f"edge-{n}": _rss_mib(b.proc.pid) for n, b in enumerate(stack.edge_brokers)}
+        brokers_before["core"] = _rss_mib(stack.core.proc.pid)
+
+        def pids() -> dict[str, int]:
+            out = {f"fleet-server-{n}": p.pid for n, p in stack.server_procs.items()}
+            out.update({f"edge-{n}": b.proc.pid for n, b in enumerate(stack.edge_brokers)})
+            out["core"] = stack.core.proc.pid
+            return out
+
+        with PeakSampler(pids) as sampler:
+            fleet = fleetrun.Fleet(stack, args.agents, args.procs)
+            t_connect = time.time()
+            connected = fleet.start(timeout=900)
+            connect_s = time.time() - t_connect
+            fleetrun.wait_known(registry, fleet.device_ids, 900)
+            known_s = time.time() - t_connect
+            brokers_after = {f"edge-{n}": _rss_mib(b.proc.pid) for n, b in enumerate(stack.edge_brokers)}
+            _LOGGER.info("%d devices connected in %.1f s, all known to the registry after %.1f s", connected,
+                         connect_s, known_s)
+            cpu0 = _server_cpu(stack)
+            ingest = fleetrun.ingest(fleet, registry, v1, timeout=args.drain_timeout)
+            cpu1 = _server_cpu(stack)
+            _LOGGER.info("ingest: %s", {k: ingest[k] for k in ("reports_per_s", "lost_reports", "p99_ingest_ms")})
+            v2 = registry.register(artifact_dir)
+            db0 = stack.db.stats()
+
+            def on_stage(stage: int) -> None:
+                if not args.faults:
+                    return
+                if stage == 1:
+                    faults.append({"at_s": round(time.time() - t_rollout, 1), "fault": "bridge edge-0 dropped for 5 s"})
+                    stack.cut_bridge(0)
+                    faults.append({"at_s": round(time.time() - t_rollout, 1), "fault": "server 1 SIGKILLed"})
+                    stack.kill_server(1)
+                    threading.Timer(5.0, lambda: (stack.start_server(1), faults.append(
+                        {"at_s": round(time.time() - t_rollout, 1), "fault": "server 1 restarted"}))).start()
+                elif stage == 2:
+                    faults.append({"at_s": round(time.time() - t_rollout, 1), "fault": "PostgreSQL restarted"})
+                    stack.db.restart()
+
+            t_rollout = time.time()
+            canary = max(1, args.agents * args.canary_pct // 100)
+            rollout = fleetrun.rollout(registry, fleet.device_ids, v2, canary=canary, waves=args.waves,
+                                       on_stage=on_stage, timeout=args.rollout_timeout)
+            db1 = stack.db.stats()
+            _LOGGER.info("rollout: %s", {k: rollout[k] for k in ("status", "rollout_seconds", "outcomes")})
+            time.sleep(2.0)  # the last promoted states reach the devices' counters
+            sims = fleet.stop()
+        deployments = max(1, rollout["outcomes"].get("promoted", 0) + rollout["outcomes"].get("failed", 0))
+        writes = {k: db1[k] - db0[k] for k in db1}
+        handler_errors = int(registry.db.query("SELECT COUNT(*) AS n FROM events WHERE kind = 'handler_error'")
+                             [0]["n"])
+        registry.close()
+    finally:
+        stack_stats = stack.stop()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    per_conn = {k: round((brokers_after[k] - brokers_before[k]) * 1024 / max(1, connected / args.edges), 1)
+                for k in brokers_after}
+    return {
+        "agents": connected, "agents_requested": args.agents, "simulator_processes": args.procs,
+        "brokers": {"edges": args.edges, "core": 1, "kind": "mosquitto 2.0 (edges bridged to the core, QoS 1, "
+                                                            "persistent bridge sessions)"},
+        "database": "postgresql 15 (local cluster)", "server_processes": args.servers,
+        "connect_seconds": round(connect_s, 1), "all_known_seconds": round(known_s, 1),
+        **{k: ingest[k] for k in ("reports_sent", "reports_ingested", "lost_reports", "repeated_ingestions",
+                                  "per_server", "reports_per_s", "p50_ingest_ms", "p99_ingest_ms")},
+        "server_cpu_s_ingest": round(cpu1 - cpu0, 2),
+        "rollout": rollout, "rollout_seconds": rollout["rollout_seconds"], "rollout_finished": rollout["finished"],
+        "duplicate_deployments": rollout["duplicate_deployments"],
+        "devices_on_new_version": sims.get("active_versions", {}).get(str(v2.version), 0),
+        "faults": faults, "handler_errors": handler_errors,
+        "db_writes": {**writes, "per_deployment": {k: round(v / deployments, 1) for k, v in writes.items()}},
+        "peak_rss_mib": {"simulators": sims["per_process_peak_rss_mib"],
+                         "servers": {k: round(v, 1) for k, v in sampler.peak.items() if k.startswith("fleet-server")},
+                         "brokers": {k: round(v, 1) for k, v in sampler.peak.items() if not k.startswith("fleet")}},
+        "broker_kib_per_connection": per_conn,
+        "simulators": {k: v for k, v in sims.items() if k != "per_process_peak_rss_mib"},
+        "bridges": stack_stats.get("bridge_relays"),
+        "targets": {"lost_reports": 0, "duplicate_deployments": 0, "rollout_finished": True,
+                    "reports_per_s_min": TARGET_REPORTS_PER_S},
+        "meets_targets": bool(ingest["lost_reports"] == 0 and rollout["duplicate_deployments"] == 0
+                              and rollout["finished"] and ingest["reports_per_s"] >= TARGET_REPORTS_PER_S),
+        "context": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
+                    "loadavg_1m_end": round(os.getloadavg()[0], 2)},
+        "definitions": {
+            "reports_per_s": "reports ingested / seconds from the simulators' go to the last first ingestion",
+            "ingest": "publish on an edge broker -> bridge -> core -> a server worker decoded and recorded it",
+            "db_writes": "pg_stat_database deltas over the rollout (commits, rows inserted/updated/deleted)",
+            "broker_kib_per_connection": "edge broker RSS growth from no devices to all connected / devices on it",
+        },
+        "work_dir": str(work),
+    }
+
+
+def _server_cpu(stack: Stack) -> float:
     import psutil
 
-    from server.mosquitto import MosquittoBroker
-    from server.registry import Registry
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # mosquitto inherits it: 1,000+ sockets
-    work_dir = Path(tempfile.mkdtemp(prefix="edgeguide-fleet-"))
-    broker = MosquittoBroker(workdir=work_dir / "broker")
-    broker.start()
-    registry = Registry(work_dir / "server")
-    artifact = registry.register(Path(args.artifact) if args.artifact else _tiny_artifact(work_dir))
-    devices = {}
-    with registry.db.transaction():
-        for i in range(args.agents):
-            device_id = f"sim-{i:05d}"
-            devices[device_id] = registry.create_deployment(artifact, device_id, chunk_size=65536, policy=None,
-                                                            deadline_s=3600, status="measuring").deployment_id
-    prefix = "fleet"
-    servers = []
-    for n in range(args.servers):
-        log = open(work_dir / f"server-{n}.log", "ab")  # noqa: SIM115 - closed after the run
-        cmd = [sys.executable, "-m", "server", "--data-dir", str(registry.data_dir), "serve", "--broker", broker.url,
-               "--topic-prefix", prefix, "--client-id", f"bench-server-{n}", "--protocol", "5"]
-        servers.append((subprocess.Popen(cmd, cwd=str(REPO), stdout=log, stderr=log), log))
-    time.sleep(3.0)  # let the servers connect and subscribe
-    ctx = mp.get_context("spawn")
-    ready, out, go = ctx.Queue(), ctx.Queue(), ctx.Event()
-    items = list(devices.items())
-    procs = [ctx.Process(target=_agent_proc, args=(broker.url, prefix, items[i::args.procs],
-                                                   (artifact.model_id, artifact.version, artifact.size),
-                                                   ready, go, out)) for i in range(args.procs)]
-    for p in procs:
-        p.start()
-    connected = sum(ready.get(timeout=180) for _ in procs)
-    cpu0 = sum(sum(psutil.Process(s.pid).cpu_times()[:2]) for s, _ in servers)
-    t0 = time.time()
-    go.set()
-    results = [out.get(timeout=300) for _ in procs]
-    for p in procs:
-        p.join(30)
-    sent = {dep: ts for r in results for dep, ts in r["sent"].items()}
-    acked = sum(r["acked"] for r in results)
-    deadline = time.monotonic() + args.drain_timeout
-    ingested: dict[str, float] = {}
-    while time.monotonic() < deadline:
-        rows = registry.db.query("SELECT deployment_id, ts FROM events WHERE kind = 'ingest:report'")
-        ingested = {r["deployment_id"]: float(r["ts"]) for r in rows}
-        if len(ingested) >= len(sent):
-            break
-        time.sleep(0.5)
-    cpu1 = sum(sum(psutil.Process(s.pid).cpu_times()[:2]) for s, _ in servers)
-    per_server = {r["detail"]: int(r["n"]) for r in registry.db.query(
-        "SELECT detail, COUNT(*) AS n FROM events WHERE kind = 'ingest:report' GROUP BY detail")}
-    duplicates = int(registry.db.query(
-        "SELECT COUNT(*) - COUNT(DISTINCT deployment_id) AS d FROM events WHERE kind = 'ingest:report'")[0]["d"])
-    gated = int(registry.db.query("SELECT COUNT(*) AS n FROM deployments WHERE status IN ('passed', 'failed')")[0]["n"])
-    for server, log in servers:
-        server.terminate()
-        server.wait(30)
-        log.close()
-    broker.stop()
-    latencies = sorted((ingested[d] - sent[d]) * 1000.0 for d in sent if d in ingested)
-    last = max(ingested.values()) if ingested else t0
-    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    return {
-        "agents": connected, "agents_requested": args.agents, "agent_processes": args.procs,
-        "server_processes": args.servers, "reports_sent": len(sent), "reports_acked_by_broker": acked,
-        "reports_ingested": len(ingested), "lost_reports": len(sent) - len(set(sent) & set(ingested)),
-        "duplicate_ingestions": duplicates, "reports_gated": gated, "per_server": per_server,
-        "reports_per_s": round(len(ingested) / max(1e-9, last - t0), 1),
-        "server_cpu_s": round(cpu1 - cpu0, 2),
-        "p50_ingest_ms": round(latencies[len(latencies) // 2], 1) if latencies else None,
-        "p99_ingest_ms": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 1)
-        if latencies else None,
-        "ingest": "publish -> a server worker decoded and recorded it (queue wait included); each report is then "
-                  "gated and its signed verdict sent by that worker, while its report files (JSON, Markdown with a "
-                  "text histogram; the PNG once the deployment ends) are written on the server's report thread",
-        "context": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                    "broker": "mosquitto (loopback)", "registry": "sqlite (shared by the server processes)"},
-        "work_dir": str(work_dir),
-    }
+    total = 0.0
+    for proc in stack.server_procs.values():
+        with contextlib.suppress(psutil.Error):
+            total += sum(psutil.Process(proc.pid).cpu_times()[:2])
+    return total
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path, required=True, help="write the figures here")
     parser.add_argument("--agents", type=int, default=1000)
-    parser.add_argument("--procs", type=int, default=4, help="processes the simulated agents are spread over")
+    parser.add_argument("--procs", type=int, default=4, help="simulator processes (one event loop each)")
+    parser.add_argument("--edges", type=int, default=2, help="edge brokers bridged to the core broker")
     parser.add_argument("--servers", type=int, default=2, help="server processes in the $share group")
     parser.add_argument("--artifact", help="artifact folder to register (default: train a tiny one)")
-    parser.add_argument("--drain-timeout", type=float, default=600.0,
-                        help="seconds to wait for the servers to ingest every report")
+    parser.add_argument("--canary-pct", type=int, default=1, help="share of devices in the canary stage")
+    parser.add_argument("--waves", type=int, default=3, help="waves after the canary")
+    parser.add_argument("--faults", action="store_true", help="drop a bridge, kill a server, restart the database")
+    parser.add_argument("--drain-timeout", type=float, default=900.0, help="seconds to wait for every report")
+    parser.add_argument("--rollout-timeout", type=float, default=3600.0, help="seconds the rollout may take")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    # SIGTERM (a `timeout`, a CI cancel) unwinds like Ctrl-C: the brokers, PostgreSQL and servers are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    for noisy in ("server", "protocol", "bench.fleetsim"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     result = run(args)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if k != "context"}, indent=2))
-    return 0 if result["lost_reports"] == 0 else 1
+    print(json.dumps({k: v for k, v in result.items() if k not in ("context", "definitions", "rollout")}, indent=1))
+    return 0 if result["lost_reports"] == 0 and result["rollout_finished"] else 1
 
 
 if __name__ == "__main__":

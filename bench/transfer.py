@@ -11,7 +11,11 @@
 - fleet: the same artifact deployed at once to --fleet in-process `agent.daemon.Agent` instances
   (real agent code, one process, short measurement), timed to the last `download_complete` and to
   the last promotion; `all_verified` means every agent reported the model loaded, was promoted and
-  names the new version in its retained state.
+  names the new version in its retained state;
+- links (--links, root only): for each emulated device link profile (wifi, lte, poor; see
+  hil_tests/netlink and bench/transfer_links.py) raw QoS 1 and a real deployment to an agent in its
+  own network namespace: links.<profile>.{raw_mib_s, deploy_mib_s, ratio, seconds, resent_chunks,
+  resumed}.
 
 Without --artifact a real model of about --target-mib is trained (1 epoch, widths chosen for the
 size) and exported in a subprocess (this process never imports TensorFlow), cached in --workdir.
@@ -40,7 +44,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO))
 
+from bench.transfer_links import run_links  # noqa: E402 - after the sys.path line above
+
 _LOGGER = logging.getLogger("bench.transfer")
+LINK_KEYS = ("raw_mib_s", "deploy_mib_s", "ratio", "seconds", "resent_chunks", "resumed", "window_chunks")
 
 MIB = 1024 * 1024
 TARGET_RATIO = 0.5
@@ -330,6 +337,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         _LOGGER.info("raw pub/sub: %.1f MiB/s", raw["mib_s"])
         _LOGGER.info("deploy to 1 agent: %.1f MiB/s (%.2f s)", single["mib_s"], single["seconds"])
         fleet = deploy_fleet(bench, artifact_dir, args.fleet) if args.fleet > 0 else None
+        links = run_links(bench, [n for n in args.links.split(",") if n], artifact_dir, frames, root,
+                          args.link_repeats, args.cut_s) if args.links else {}
         if fleet:
             _LOGGER.info("fleet of %d: transfer %.1f s, all promoted after %.1f s, all verified: %s",
                          fleet["agents"], fleet["transfer_seconds"] or -1, fleet["seconds"], fleet["all_verified"])
@@ -351,6 +360,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "raw": raw,
         "deploy": single,
         "fleet": fleet,
+        "links": links,
+        "link_targets": {"ratio_min": {"wifi": 0.9, "lte": 0.9},
+                         "poor": "completes after the cut with resent_chunks <= window_chunks (in flight at the cut)"},
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
                     "state_dir_fs": _fs_type(root),
                     # fsync-bound figures swing with other processes' I/O: keep the load next to them
@@ -394,6 +406,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk-kib", type=int, default=64)
     parser.add_argument("--fleet", type=int, default=50, help="agents deployed to at once (0: skip)")
     parser.add_argument("--repeats", type=int, default=9, help="single-agent deployments and raw runs (medians)")
+    parser.add_argument("--links", default="wifi,lte,poor",
+                        help="emulated link profiles to measure (comma-separated, '' to skip; needs root)")
+    parser.add_argument("--link-repeats", type=int, default=3, help="raw runs and deployments per link (medians)")
+    parser.add_argument("--cut-s", type=float, default=None, help="override the cut length of profiles with a cut")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for noisy in ("agent", "server", "protocol"):
@@ -403,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     args.json.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps({k: results[k] for k in ("raw_mib_s", "deploy_mib_s", "ratio", "phases_ms", "fleet_agents",
                                               "fleet_seconds", "all_verified")}))
+    print(json.dumps({name: {k: v for k, v in fig.items() if k in LINK_KEYS} if isinstance(fig, dict) else fig
+                      for name, fig in results["links"].items()}))
     return 0
 
 

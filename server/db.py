@@ -140,6 +140,13 @@ class DatabaseConnectError(RuntimeError):
     """The registry database named by a URL cannot be reached; the message names it (password redacted)."""
 
 
+class DatabaseUnavailable(RuntimeError):  # noqa: N818 - reads as a state, like ConnectionRefused
+    """The registry database dropped the connection (restart, failover); the statement did not run.
+
+    The connection is re-opened on the next call; the caller retries its whole unit of work.
+    """
+
+
 class PostgresDatabase(_LockedConnection):
     """PostgreSQL through psycopg 3 in autocommit mode; `transaction()` groups statements (nested = savepoint)."""
 
@@ -160,17 +167,64 @@ class PostgresDatabase(_LockedConnection):
             raise DatabaseConnectError(f"cannot connect to the PostgreSQL registry {_redact(url)}: "
                                        f"{str(exc).strip()}") from exc
         self._lock = threading.RLock()
+        self._connect_timeout_s = connect_timeout_s
         _LOGGER.debug("opened postgres registry %s", _redact(url))
 
     def sqlalchemy_url(self) -> str:
         """psycopg 3 through SQLAlchemy's `postgresql+psycopg` dialect."""
         return "postgresql+psycopg://" + self.url.split("://", 1)[1]
 
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        with self._lock:
+            self._reopen_if_lost()
+            try:
+                return super().execute(sql, params)
+            except self._psycopg.OperationalError as exc:
+                raise self._lost(exc) from exc
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        with self._lock:
+            self._reopen_if_lost()
+            try:
+                return super().query(sql, params)
+            except self._psycopg.OperationalError as exc:
+                raise self._lost(exc) from exc
+
+    @property
+    def _psycopg(self) -> Any:
+        import psycopg
+        return psycopg
+
+    def _lost(self, exc: Exception) -> Exception:
+        if not (self._conn.closed or self._conn.broken):
+            return exc  # a statement error reported as operational (e.g. a lock timeout): not ours to hide
+        _LOGGER.warning("PostgreSQL registry %s: connection lost (%s); re-opening on the next call",
+                        _redact(self.url), str(exc).strip().splitlines()[0] if str(exc).strip() else exc)
+        return DatabaseUnavailable(f"PostgreSQL registry {_redact(self.url)} unavailable: {str(exc).strip()}")
+
+    def _reopen_if_lost(self) -> None:
+        """A new connection after a restart of the database; DatabaseUnavailable while it is still down."""
+        if not (self._conn.closed or self._conn.broken):
+            return
+        from psycopg.rows import dict_row
+        try:
+            self._conn = self._psycopg.connect(self.url, autocommit=True, row_factory=dict_row,
+                                               connect_timeout=max(1, int(self._connect_timeout_s)))
+        except self._psycopg.OperationalError as exc:
+            raise DatabaseUnavailable(f"PostgreSQL registry {_redact(self.url)} unavailable: "
+                                      f"{str(exc).strip()}") from exc
+        _LOGGER.warning("PostgreSQL registry %s: connection re-opened", _redact(self.url))
+
     @contextmanager
     def transaction(self) -> Iterator[None]:
         """BEGIN ... COMMIT; a nested use becomes a savepoint inside the outer transaction."""
-        with self._lock, self._conn.transaction():
-            yield
+        with self._lock:
+            self._reopen_if_lost()
+            try:
+                with self._conn.transaction():
+                    yield
+            except self._psycopg.OperationalError as exc:
+                raise self._lost(exc) from exc
 
     def close(self) -> None:
         with self._lock:

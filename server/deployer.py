@@ -26,6 +26,7 @@ from protocol.limits import DEFAULT_LIMITS
 from protocol.messages import Command, Event, Manifest, Report, Verdict
 from protocol.states import CommandName, DeploymentStatus, ErrorKind
 from protocol.topics import Topics
+from server import window
 from server.device_messages import DEVICE_ERRORS, PINNED_KEY_MISMATCH, DeviceMessages
 from server.policy import Policy
 from server.registry import ArtifactRecord, DeploymentRecord, DeviceRecord, Registry
@@ -154,11 +155,13 @@ class Deployer:
         _LOGGER.info("sent manifest of %s to %s (%d bytes in %d chunks)", dep.deployment_id, dep.device_id,
                      manifest.total_size, manifest.chunk_count)
 
-    def send_chunks(self, dep: DeploymentRecord, indices: Iterable[int] | None) -> None:
-        """Publish the requested chunks (all when `indices` is None), counting re-sends.
+    def send_chunks(self, dep: DeploymentRecord, indices: Iterable[int] | None, *, resend: bool = True) -> None:
+        """Publish the next window of the chunks the device misses (all when `indices` is None).
 
-        The chunks go out in one loop before the re-send counts are written: paho queues them at
-        once (its in-flight window holds a whole model) and the device never waits on our database.
+        Only a window of chunks is in flight (server.window): the device's progress acknowledgements
+        top it up, and chunks already in flight go out again only when `resend` (the device stalled,
+        or a fresh manifest answer). The chunks go out in one loop before the re-send counts are
+        written, so the device never waits on our database.
         """
         try:
             prepared = self._prepared_for(dep)
@@ -172,6 +175,10 @@ class Deployer:
             _LOGGER.warning("%s: device asked for chunks %s outside 0..%d; ignoring them", dep.deployment_id,
                             bad[:10], len(pieces) - 1)
             wanted = [i for i in wanted if 0 <= i < len(pieces)]
+        wanted = window.plan(wanted, dep.resends, window.window_chunks(self.config.window_bytes, dep.chunk_size),
+                             resend=resend).indices
+        if not wanted:
+            return
         resends = dict(dep.resends)
         for i in wanted:
             count = resends.get(str(i), -1) + 1  # -1: never sent

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Protocol
 from protocol import signing
 from protocol.messages import Event, Report, Verdict
 from protocol.states import DeploymentStatus, EventType
-from server import gate
+from server import gate, window
 from server.policy import Policy
 from server.registry import DeploymentRecord, Registry, RegistryError
 from server.transfer import iso_time
@@ -42,7 +42,7 @@ class Delivery(Protocol):
     policy: Policy
     reports: ReportQueue
 
-    def send_chunks(self, dep: DeploymentRecord, indices: Iterable[int] | None) -> None: ...
+    def send_chunks(self, dep: DeploymentRecord, indices: Iterable[int] | None, *, resend: bool = True) -> None: ...
 
     def publish_verdict(self, dep: DeploymentRecord, verdict: Verdict) -> None: ...
 
@@ -109,7 +109,7 @@ class DeviceMessages:
             if event.missing is None:  # the agent follows up with need_chunks naming the index
                 _LOGGER.info("%s for %s: %s", kind, dep.deployment_id, event.reason)
             elif dep.status in {_D.PENDING, _D.TRANSFERRING}:
-                self.deployer.send_chunks(dep, event.missing)
+                self.deployer.send_chunks(dep, event.missing, resend=event.reason in window.RESEND_REASONS)
         elif kind == _E.MANIFEST_REJECTED:
             self.deployer.finish(dep, _D.REJECTED,
                          self.explain(f"device rejected the manifest: {event.reason or 'no reason given'}"))

@@ -144,16 +144,10 @@ class RolloutManager:
         self.deployer.start(dep.deployment_id)
 
     def _collect_outcomes(self, rollout: RolloutRecord) -> None:
-        for member in rollout.devices.values():
-            dep_id = member["deployment_id"]
-            if member["outcome"] is not None or dep_id in (None, CLAIM):
-                continue
-            dep = self.registry.deployment(dep_id)
-            if not dep.terminal:
-                continue
-            outcome = "promoted" if dep.status == "promoted" else "failed"
-            self.registry.settle_rollout_device(rollout.rollout_id, member["device_id"], outcome,
-                                                f"{dep.status}: {dep.reason}", deployment_id=dep_id)
+        for row in self.registry.finished_rollout_members(rollout.rollout_id):
+            outcome = "promoted" if row["status"] == "promoted" else "failed"
+            self.registry.settle_rollout_device(rollout.rollout_id, row["device_id"], outcome,
+                                                f"{row['status']}: {row['reason']}", deployment_id=row["deployment_id"])
 
     def _roll_back_promoted(self, rollout: RolloutRecord, members: list[dict[str, Any]]) -> None:
         """Tell each promoted device of the failed stage to switch back to its previous model (once)."""

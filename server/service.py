@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from protocol.backoff import Backoff
 from protocol.errors import ProtocolError
 from protocol.messages import DeviceState, Event, Heartbeat, Report
 from protocol.mqtt import MqttLink
@@ -23,6 +24,7 @@ from protocol.redact import redact_url
 from protocol.topics import Topics
 from protocol.worker import Worker
 from server import keys
+from server.db import DatabaseUnavailable
 from server.deployer import ChunkTransform, Deployer, DeployerConfig
 from server.ingest import DeviceRateLimiter, IngestLimits, bounded
 from server.policy import Policy, load_policy
@@ -83,6 +85,7 @@ class EdgeGuideServer:
         self._worker_started = False
         self._subscribed = False
         self._subscribe_sent = threading.Event()
+        self._stopping = threading.Event()  # ends a retry while the database is down
         self.malformed = 0
         self.reports_ingested = 0
 
@@ -94,6 +97,7 @@ class EdgeGuideServer:
         if self._worker_started:  # a restart after stop(): the old thread has ended for good
             self._worker = self._new_worker()
         self._worker_started = True
+        self._stopping.clear()
         self.link.add_connect_listener(self._ensure_subscribed)
         self.link.start(timeout=timeout)
         # Return only once the broker routes device traffic to us: a report published right after start()
@@ -116,6 +120,7 @@ class EdgeGuideServer:
 
     def stop(self) -> None:
         """Stop the worker (after it finishes the current message) and disconnect."""
+        self._stopping.set()
         if not self._worker.stop(timeout=30):
             _LOGGER.warning("the server worker is still busy after 30 s; stopping the link under it")
         self.deployer.close()
@@ -152,7 +157,7 @@ class EdgeGuideServer:
             if dropped:
                 self._call(functools.partial(self._record_rate_limited, device[:64], dropped))
             return
-        self._worker.submit(lambda: self.handle(topic, payload), topic)
+        self._worker.submit(lambda: self._handle_until_stored(topic, payload), topic)
 
     def _record_rate_limited(self, device: str, dropped: int) -> None:
         lim = self.ingest_limits
@@ -176,6 +181,27 @@ class EdgeGuideServer:
     def _call(self, fn: Callable[[], object]) -> None:
         """Run `fn` on the worker thread, in order with the messages (one writer, no races)."""
         self._worker.submit(fn, getattr(fn, "__name__", "call"))
+
+    def _handle_until_stored(self, topic: str, payload: bytes) -> None:
+        """handle(), retried while the registry database is unreachable (a restart, a failover).
+
+        The broker already counts the message as delivered: dropping it would lose a report or an
+        event. Handling is idempotent per message (a repeated report re-sends the recorded verdict).
+        One transaction per message: its writes land together (one commit, one WAL flush on
+        PostgreSQL instead of one per statement) or not at all, and then the retry redoes them.
+        """
+        backoff = Backoff(initial=0.2, maximum=5.0)
+        while True:
+            try:
+                with self.registry.unit_of_work():
+                    self.handle(topic, payload)
+                return
+            except DatabaseUnavailable as exc:
+                if self._stopping.is_set():
+                    raise
+                delay = backoff.next()
+                _LOGGER.warning("registry unavailable while handling %r, retrying in %.1f s: %s", topic, delay, exc)
+                self._stopping.wait(delay)
 
     def _record_error(self, label: str, exc: Exception) -> None:
         """A bug or a bad message must not stop the worker: it is logged (by the worker) and recorded here."""

@@ -64,12 +64,14 @@ class IncompatibleRuntimeError(DeployError):
 class DeployerConfig:
     """Transfer parameters; `max_resends` bounds how often one chunk is sent again before giving up.
 
+    `window_bytes`: chunks in flight to one device at a time (server.window), sized to the round trip.
     `offline_grace_s`: how long a device may stay offline (its retained state or Last Will says so)
     during a deployment before the deployment ends as `timeout` with that reason; long enough for an
     agent restart or a reboot, short against the whole `deadline_s`.
     """
 
     chunk_size: int = DEFAULT_LIMITS.default_chunk_bytes
+    window_bytes: int = 2 * 1024 * 1024
     deadline_s: float = 1800.0
     max_resends: int = 10
     offline_grace_s: float = 120.0
@@ -77,6 +79,8 @@ class DeployerConfig:
     def __post_init__(self) -> None:
         if not 1 <= self.chunk_size <= DEFAULT_LIMITS.max_chunk_bytes:
             raise ValueError(f"chunk_size must be in [1, {DEFAULT_LIMITS.max_chunk_bytes}], got {self.chunk_size}")
+        if self.window_bytes < self.chunk_size:
+            raise ValueError(f"window_bytes must be >= chunk_size ({self.chunk_size}), got {self.window_bytes}")
         if self.deadline_s <= 0:
             raise ValueError(f"deadline_s must be > 0, got {self.deadline_s}")
         if self.max_resends < 0:

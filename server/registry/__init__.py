@@ -13,6 +13,7 @@ API of the whole server, and the checks that span tables (unregister, remove a d
 from __future__ import annotations
 
 import logging
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from server.db import Database, open_database
@@ -62,6 +63,10 @@ class Registry(ArtifactTables, DeviceTables, DeploymentTables, RolloutTables):
 
     def close(self) -> None:
         self.db.close()
+
+    def unit_of_work(self) -> AbstractContextManager[None]:
+        """One transaction around several method calls (one device message): all land or none does."""
+        return self.db.transaction()
 
     def unregister(self, model_id: str, version: int) -> ArtifactRecord:
         """Withdraw one version: hidden from deploys and listings, files deleted, history kept.

@@ -13,7 +13,7 @@ from typing import Any
 
 from protocol.states import ROLLOUT_TRANSITIONS
 from server.registry.events import EventLog
-from server.registry.records import RegistryError
+from server.registry.records import TERMINAL, RegistryError
 from server.rollout_plan import (
     CLAIM,
     FINISHED,
@@ -90,6 +90,15 @@ class RolloutTables(EventLog):
         """The claimed device's deployment now exists."""
         self.db.execute("UPDATE rollout_devices SET deployment_id = ? WHERE rollout_id = ? AND device_id = ?",
                         (deployment_id, rollout_id, device_id))
+
+    def finished_rollout_members(self, rollout_id: str) -> list[dict[str, Any]]:
+        """Devices without an outcome whose deployment has ended (`device_id`, `deployment_id`, `status`,
+        `reason`): one query for a whole stage, as a 10,000-device wave is polled every tick."""
+        terminal = sorted(str(status) for status in TERMINAL)
+        return self.db.query(
+            "SELECT r.device_id, r.deployment_id, d.status, d.reason FROM rollout_devices r JOIN deployments d"
+            " ON d.deployment_id = r.deployment_id WHERE r.rollout_id = ? AND r.outcome IS NULL"
+            f" AND d.status IN ({', '.join('?' for _ in terminal)})", (rollout_id, *terminal))
 
     def skip_unstarted_rollout_devices(self, rollout_id: str, stage: int, outcome: str, detail: str) -> int:
         """Settle every device of `stage` that has no deployment and no outcome yet (an aborted rollout)."""
