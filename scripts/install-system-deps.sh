@@ -2,7 +2,7 @@
 # Install the Debian packages a make target needs, when they are missing.
 #
 #   scripts/install-system-deps.sh base    python3 >= 3.11 with venv support (every target's .venv)
-#   scripts/install-system-deps.sh test    base + mosquitto, mosquitto-clients, openssl, PostgreSQL, util-linux,
+#   scripts/install-system-deps.sh test    base + mosquitto, mosquitto-clients, openssl, PostgreSQL, util-linux, iproute2,
 #                                          chromium (the dashboard's browser tests drive it headless)
 #   scripts/install-system-deps.sh arm64   test + qemu-user-static, binfmt-support, debootstrap (make hil-arm64)
 #
@@ -30,6 +30,8 @@ want_test() {
     # The registry's PostgreSQL tests start their own server with initdb/pg_ctl (no system service).
     compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need+=(postgresql)
     command -v taskset >/dev/null 2>&1 || need+=(util-linux)
+    # Emulated device links: network namespaces, veth pairs and tbf rate limits (ip, tc).
+    { command -v ip >/dev/null 2>&1 && command -v tc >/dev/null 2>&1; } || need+=(iproute2)
     # Playwright drives Debian's Chromium (its own browser download is not used).
     command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium ] || need+=(chromium)
 }
