@@ -33,7 +33,7 @@ class _AlignedBuffer(schema.BufferT):
             builder.StartVector(1, len(payload), _ALIGN)
             builder.head -= len(payload)
             builder.Bytes[builder.head:builder.head + len(payload)] = payload
-            data = builder.EndVector(len(payload))
+            data = builder.EndVector()
         schema.BufferStart(builder)
         if data is not None:
             schema.BufferAddData(builder, data)
