@@ -90,8 +90,10 @@ class DeviceMessages:
     def handle_event(self, event: Event) -> None:
         """React to a device event about a deployment."""
         detail = event.reason or (f"missing={event.missing[:20]}" if event.missing else "")
-        self.registry.log_event(f"device:{event.type}", device_id=event.device_id,
-                                deployment_id=event.deployment_id, detail=detail or "")
+        if not (event.type == _E.NEED_CHUNKS and event.reason == window.PROGRESS):
+            # A progress acknowledgement is flow control (one per few chunks), not history worth a row.
+            self.registry.log_event(f"device:{event.type}", device_id=event.device_id,
+                                    deployment_id=event.deployment_id, detail=detail or "")
         if event.type in DEVICE_ERRORS:
             self.registry.set_device_error(event.device_id, self.explain(f"{event.type}: {event.reason or ''}"))
         elif event.type == _E.PROMOTED:  # the device took a signed model: an old key or load error is history
