@@ -30,12 +30,20 @@ from agent.model import LoadedModel
 from agent.recovery import open_active, open_slot, resume_staging
 from agent.runtime import ModelLoadError, RuntimeInfo, detect_runtime
 from agent.store import ModelStore, StoreError
-from agent.transfer import PROGRESS_REASON, Admission, ChunkRejected, ManifestRejected, Receiver, check_manifest
+from agent.transfer import Admission, ChunkRejected, ManifestRejected, Receiver, check_manifest
 from protocol import chunking, signing
 from protocol.errors import ProtocolError
 from protocol.limits import DEFAULT_LIMITS
 from protocol.messages import DeviceState, Report
-from protocol.states import AGENT_TRANSITIONS, AgentPhase, CommandName, DeviceStatus, ErrorKind, EventType
+from protocol.states import (
+    AGENT_TRANSITIONS,
+    AgentPhase,
+    CommandName,
+    DeviceStatus,
+    ErrorKind,
+    EventType,
+    NeedChunksReason,
+)
 
 _LOGGER = logging.getLogger(__name__)
 _P = AgentPhase
@@ -168,7 +176,7 @@ class DeploymentController:
         if dep is not None and dep.phase is _P.DOWNLOADING:
             dep.last_progress = time.monotonic()
             self.link.event(_E.NEED_CHUNKS, deployment_id=dep.deployment_id, missing=dep.receiver.missing(),
-                            version=dep.manifest.version, reason="reconnected")
+                            version=dep.manifest.version, reason=NeedChunksReason.RECONNECTED)
         elif dep is not None and dep.phase is _P.AWAITING_VERDICT:
             self.link.resend_report("reconnected")
         self.link.kick_outbox()
@@ -217,7 +225,7 @@ class DeploymentController:
                 dep.last_progress = now
                 if self.link.connected:
                     self.link.event(_E.NEED_CHUNKS, deployment_id=dep.deployment_id, missing=dep.receiver.missing(),
-                                    version=dep.manifest.version, reason="stalled")
+                                    version=dep.manifest.version, reason=NeedChunksReason.STALLED)
         elif dep.phase is _P.AWAITING_VERDICT and dep.verdict_deadline is not None and now >= dep.verdict_deadline:
             self._finish(dep, promoted=False, reason=f"no verdict within {self.config.verdict_timeout_s:.0f} s")
         elif dep.phase is _P.AWAITING_VERDICT:
@@ -281,7 +289,7 @@ class DeploymentController:
             self.link.event(_E.CHUNK_REJECTED, deployment_id=dep.deployment_id, reason=exc.reason)
             if exc.index is not None:
                 self.link.event(_E.NEED_CHUNKS, deployment_id=dep.deployment_id, missing=[exc.index],
-                                version=dep.manifest.version, reason="chunk rejected")
+                                version=dep.manifest.version, reason=NeedChunksReason.CHUNK_REJECTED)
             return
         except StoreError as exc:
             self._fail_download(dep, exc)
@@ -290,7 +298,7 @@ class DeploymentController:
             dep.last_progress = time.monotonic()
             if dep.receiver.ack_due():  # the server's window of chunks in flight moves on (server/window.py)
                 self.link.event(_E.NEED_CHUNKS, deployment_id=dep.deployment_id, missing=dep.receiver.missing(),
-                                version=dep.manifest.version, reason=PROGRESS_REASON)
+                                version=dep.manifest.version, reason=NeedChunksReason.PROGRESS)
         if dep.receiver.complete:
             self._complete(dep)
 

@@ -29,7 +29,6 @@ _LOGGER = logging.getLogger(__name__)
 # Every ACK_EVERY new chunks the agent names what it still misses (need_chunks, reason "progress"):
 # the server keeps only a window of chunks in flight (server/window.py) and tops it up on these.
 ACK_EVERY = 8
-PROGRESS_REASON = "progress"
 
 # Staging holds the packed blob while unpacking writes the files next to it: ask for room for
 # the blob, its unpacked form (a tflite barely compresses) and some slack.

@@ -71,6 +71,18 @@ class EventType(StrEnum):
     ERROR = "error"
 
 
+class NeedChunksReason(StrEnum):
+    """Event.reason of a `need_chunks` event: why the device names the chunks it still misses.
+
+    The server's delivery window (server/window.py) re-sends chunks in flight only after STALLED or
+    CHUNK_REJECTED; PROGRESS only moves the window on, RECONNECTED finds them queued at the broker."""
+
+    PROGRESS = "progress"
+    STALLED = "stalled"
+    CHUNK_REJECTED = "chunk rejected"
+    RECONNECTED = "reconnected"
+
+
 class ErrorKind(StrEnum):
     """Report.error_kind: why a candidate could not be measured."""
 

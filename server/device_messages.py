@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from protocol import signing
 from protocol.messages import Event, Report, Verdict
-from protocol.states import DeploymentStatus, EventType
+from protocol.states import DeploymentStatus, EventType, NeedChunksReason
 from server import gate, window
 from server.policy import Policy
 from server.registry import DeploymentRecord, Registry, RegistryError
@@ -90,7 +90,7 @@ class DeviceMessages:
     def handle_event(self, event: Event) -> None:
         """React to a device event about a deployment."""
         detail = event.reason or (f"missing={event.missing[:20]}" if event.missing else "")
-        if not (event.type == _E.NEED_CHUNKS and event.reason == window.PROGRESS):
+        if not (event.type == _E.NEED_CHUNKS and event.reason == NeedChunksReason.PROGRESS):
             # A progress acknowledgement is flow control (one per few chunks), not history worth a row.
             self.registry.log_event(f"device:{event.type}", device_id=event.device_id,
                                     deployment_id=event.deployment_id, detail=detail or "")

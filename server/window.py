@@ -20,12 +20,12 @@ import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from protocol.states import NeedChunksReason
+
 _LOGGER = logging.getLogger(__name__)
 
 # need_chunks reasons after which the device is waiting for chunks the server believes in flight.
-RESEND_REASONS = frozenset({"stalled", "chunk rejected"})
-# The agent's reason for a periodic acknowledgement (agent.transfer.PROGRESS_REASON says the same).
-PROGRESS = "progress"
+RESEND_REASONS = frozenset({NeedChunksReason.STALLED, NeedChunksReason.CHUNK_REJECTED})
 
 
 @dataclass(frozen=True)
