@@ -43,7 +43,8 @@ def _lookup(report: dict[str, Any], path: str) -> Any:
     return value
 
 
-def _number(value: Any) -> float | None:
+def finite_number(value: Any) -> float | None:
+    """A report figure as a float, or None when it is not a finite number (reports are untrusted)."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         return None
     return float(value)
@@ -62,7 +63,7 @@ def _figure(report: dict[str, Any], limit: Limit) -> tuple[float | None, str]:
         if limit.name == "p90_regression_pct":
             return None, "no paired comparison with an incumbent"
         return None, f"report has no {spec.figure}"
-    value = _number(raw)
+    value = finite_number(raw)
     if value is None:
         return None, f"{spec.figure} is not a finite number: {raw!r:.40}"
     if limit.name == "p90_regression_pct":

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from server.gate import finite_number
 from server.registry import DeploymentRecord, Registry, RegistryError
 
 _LOGGER = logging.getLogger(__name__)
@@ -101,10 +102,6 @@ class FleetPage:
     query: FleetQuery
 
 
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(
-        value) else None
-
 
 def _sub(parent: dict[str, Any], key: str) -> dict[str, Any]:
     """`parent[key]` when it is a JSON object, else {} (device reports are untrusted input)."""
@@ -119,8 +116,8 @@ def _figures(report: dict[str, Any] | None) -> dict[str, Any]:
     quality = _sub(report, "quality")
     context = _sub(report, "context")
     cpu = context.get("cpu_model")
-    return {"p90_ms": _number(latency.get("p90")), "rss_mib": _number(memory.get("peak_rss_mib")),
-            "agreement": _number(quality.get("agreement_at_k")), "cpu_model": cpu if isinstance(cpu, str) else ""}
+    return {"p90_ms": finite_number(latency.get("p90")), "rss_mib": finite_number(memory.get("peak_rss_mib")),
+            "agreement": finite_number(quality.get("agreement_at_k")), "cpu_model": cpu if isinstance(cpu, str) else ""}
 
 
 def fleet_rows(registry: Registry) -> list[FleetRow]:
@@ -242,18 +239,18 @@ def _histogram(report: dict[str, Any]) -> dict[str, Any] | None:
     hist = _sub(latency, "histogram")
     edges = hist.get("edges_ms", hist.get("edges"))
     counts = hist.get("counts")
-    marks = {k: _number(latency.get(k)) for k in ("p50", "p90", "p99")}
+    marks = {k: finite_number(latency.get(k)) for k in ("p50", "p90", "p99")}
     if isinstance(edges, list) and isinstance(counts, list) and len(edges) == len(counts) + 1 and counts \
-            and all(_number(e) is not None for e in edges) and all(_number(c) is not None for c in counts):
+            and all(finite_number(e) is not None for e in edges) and all(finite_number(c) is not None for c in counts):
         return {"edges": edges, "counts": counts, "marks": marks, "overflow": hist.get("overflow")}
-    bars = {k: _number(latency.get(k)) for k in ("min", "p50", "p90", "p99", "max")}
+    bars = {k: finite_number(latency.get(k)) for k in ("min", "p50", "p90", "p99", "max")}
     bars = {k: v for k, v in bars.items() if v is not None}
     return {"percentiles": bars, "marks": marks} if bars else None
 
 
 def _energy(report: dict[str, Any]) -> str:
     energy = _sub(report, "energy")
-    net = _number(energy.get("net_mj_per_inference"))
+    net = finite_number(energy.get("net_mj_per_inference"))
     if energy.get("available") and net is not None:
         return f"{net:.4g} mJ per inference (net), source {energy.get('source')}"
     why = energy.get("reason") or energy.get("source")
@@ -360,10 +357,11 @@ def load_search(path: Path) -> dict[str, Any]:
                  "front": r["name"] in front, "techniques": ", ".join(r.get("techniques") or []),
                  "quantization": r.get("quantization") or ""}
                 for r in result.get("variants", [])
-                if not r.get("error") and _number(r.get("tflite_bytes")) and _number(r.get("ndcg10")) is not None]
+                if not r.get("error") and finite_number(r.get("tflite_bytes"))
+                and finite_number(r.get("ndcg10")) is not None]
     baselines = []
     for name, fig in sorted((result.get("baselines") or {}).items()):
-        if isinstance(fig, dict) and _number(fig.get("ndcg10")) is not None:
+        if isinstance(fig, dict) and finite_number(fig.get("ndcg10")) is not None:
             baselines.append({"name": name, "ndcg10": fig["ndcg10"], "kib": None})
     tuned = (result.get("baselines") or {}).get("itemknn_tuned") or {}
     for key, table in sorted((tuned.get("tables") or {}).items()):
@@ -373,8 +371,8 @@ def load_search(path: Path) -> dict[str, Any]:
         baselines.append({"name": "session-kNN store", "ndcg10": sknn["ndcg10"], "kib": sknn["device_bytes"] / 1024})
     best = result.get("best") or {}
     best_point = {"name": best.get("name"), "kib": best["tflite_bytes"] / 1024, "ndcg10": best["ndcg10"]} \
-        if _number(best.get("tflite_bytes")) and _number(best.get("ndcg10")) is not None else None
-    floor = _number(result.get("floor"))
+        if finite_number(best.get("tflite_bytes")) and finite_number(best.get("ndcg10")) is not None else None
+    floor = finite_number(result.get("floor"))
     return {"file": str(path), "run": result.get("run") or path.parent.name, "reference": ref_point,
             "variants": variants, "frontier": size_ndcg_frontier(variants), "baselines": baselines, "best": best_point,
             "floor_ndcg": floor * ref["ndcg10"] if floor is not None else None}
