@@ -108,13 +108,20 @@ class SimDevice:
         except Exception:
             _LOGGER.exception("%s: handler failed", self.device_id)
 
-    async def _on_manifest(self, payload: bytes) -> None:
+    def _verified(self, kind: Any, payload: bytes) -> Any:
+        """A signed down message decoded and checked against the pinned key, or None (counted, logged)."""
         try:
-            manifest = Manifest.from_json(payload)
-            manifest.verify(self.server_key)
+            message = kind.from_json(payload)
+            message.verify(self.server_key)
         except (ProtocolError, SignatureError) as exc:
             self.counters.bad_signatures += 1
-            _LOGGER.warning("%s: manifest refused: %s", self.device_id, exc)
+            _LOGGER.warning("%s: %s refused: %s", self.device_id, kind.__name__.lower(), exc)
+            return None
+        return message
+
+    async def _on_manifest(self, payload: bytes) -> None:
+        manifest = self._verified(Manifest, payload)
+        if manifest is None:
             return
         dep = manifest.deployment_id
         if dep in self.finished:
@@ -155,12 +162,8 @@ class SimDevice:
             await self.client.publish(self.topics.up(self.device_id, "report"), payload)
 
     async def _on_verdict(self, payload: bytes) -> None:
-        try:
-            verdict = Verdict.from_json(payload)
-            verdict.verify(self.server_key)
-        except (ProtocolError, SignatureError) as exc:
-            self.counters.bad_signatures += 1
-            _LOGGER.warning("%s: verdict refused: %s", self.device_id, exc)
+        verdict = self._verified(Verdict, payload)
+        if verdict is None:
             return
         dep = verdict.deployment_id
         if self._awaiting.pop(dep, None) is None:
