@@ -7,8 +7,10 @@ on this device's own topics. Nothing here decides about a deployment: the contro
 
 Why resend a report: mosquitto 2.0 does not restore `$share` subscriptions after a restart, so a
 report sent before the server re-subscribed is dropped by the broker even though it acknowledged
-it. While awaiting a verdict the report is published again every `report_resend_s` and on every
-reconnect; the server de-duplicates by deployment id and answers a repeat with its verdict.
+it. While awaiting a verdict the report is published again on every reconnect and after
+`report_resend_s`, then after ever longer waits (doubling, up to `REPORT_RESEND_MAX_FACTOR` times
+it, each +-20 % jitter): a slow server facing thousands of devices is not buried under their
+retries. The server de-duplicates by deployment id and answers a repeat with its verdict.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from protocol.topics import Topics
 
 _LOGGER = logging.getLogger(__name__)
 
+REPORT_RESEND_MAX_FACTOR = 8  # the longest wait between re-sends, in units of `report_resend_s`
+
 EVENT_REASON_MAX_CHARS = 1000  # an event's reason text is cut to this (error texts can quote payloads)
 MessageHandler = Callable[[str, bytes], None]
 
@@ -46,6 +50,7 @@ class DeviceLink:
         self.device_id = config.device_id
         self.topics: Topics = config.topics
         self.report_resend_s = report_resend_s
+        self._resend_backoff = Backoff(report_resend_s, REPORT_RESEND_MAX_FACTOR * report_resend_s, jitter=0.2)
         self._health = health
         self._stopping = threading.Event()
         self._connect_thread: threading.Thread | None = None
@@ -208,7 +213,8 @@ class DeviceLink:
     def hold_report(self, deployment_id: str, payload: bytes) -> None:
         """Keep re-publishing `payload` until `drop_report` (the verdict came or the deployment ended)."""
         self._held = (deployment_id, payload)
-        self._next_resend = time.monotonic() + self.report_resend_s
+        self._resend_backoff.reset()
+        self._next_resend = time.monotonic() + self._resend_backoff.next()
 
     def drop_report(self) -> None:
         self._held = None
@@ -218,7 +224,7 @@ class DeviceLink:
         """Publish the held report again (at-least-once; the server de-duplicates by deployment id)."""
         if self._held is None:
             return
-        self._next_resend = time.monotonic() + self.report_resend_s
+        self._next_resend = time.monotonic() + self._resend_backoff.next()
         if not self.connected:
             return
         deployment_id, payload = self._held

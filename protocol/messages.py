@@ -41,6 +41,25 @@ def utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
+def _json_copy(value: Any) -> Any:
+    """A copy of a JSON tree: new dicts and lists, shared immutable leaves."""
+    if isinstance(value, dict):
+        return {key: _json_copy(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_copy(item) for item in value]
+    return value
+
+
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def _field_names(cls: type) -> tuple[str, ...]:
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = tuple(f.name for f in dataclasses.fields(cls))
+    return names
+
+
 class _Message:
     """Shared encode/decode plumbing."""
 
@@ -48,7 +67,13 @@ class _Message:
     __dataclass_fields__: ClassVar[dict[str, Any]]  # every subclass is a dataclass
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        """The fields that are set, as a fresh JSON tree (callers may change it; the message stays as is).
+
+        Fields hold JSON values only, so copying dicts and lists is enough: `dataclasses.asdict`
+        deep-copies every leaf through `copy.deepcopy`, which cost a server ~1 ms per report.
+        """
+        return {name: _json_copy(value) for name in _field_names(type(self))
+                if (value := getattr(self, name)) is not None}
 
     def to_json(self) -> bytes:
         return encode(self.to_dict())

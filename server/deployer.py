@@ -218,19 +218,19 @@ class Deployer:
 
     # ---- status helpers ----------------------------------------------------------------------
     def transition(self, dep: DeploymentRecord, status: str, from_statuses: Iterable[str], reason: str, *,
-                    report: dict | None = None, verdict: dict | None = None) -> bool:
-        """Move to `status` only from one of `from_statuses` (atomic; a racing process loses)."""
-        changed = self.registry.transition(dep.deployment_id, from_statuses, status, reason=reason, report=report,
-                                           verdict=verdict) is not None
-        if changed:
+                    report: dict | None = None, verdict: dict | None = None) -> DeploymentRecord | None:
+        """Move to `status` only from one of `from_statuses` (atomic; a racing process loses: None)."""
+        record = self.registry.transition(dep.deployment_id, from_statuses, status, reason=reason, report=report,
+                                          verdict=verdict)
+        if record is not None:
             _LOGGER.info("deployment %s: %s -> %s %s", dep.deployment_id, dep.status, status, reason)
-        return changed
+        return record
 
     def finish(self, dep: DeploymentRecord, status: str, reason: str) -> bool:
-        changed = self.transition(dep, status, allowed_sources(status), reason)
-        if changed and dep.report is not None:
-            self.reports.submit(dep.deployment_id)  # the files show the final status
-        return changed
+        record = self.transition(dep, status, allowed_sources(status), reason)
+        if record is not None and record.report is not None:
+            self.reports.submit(record)  # the files show the final status
+        return record is not None
 
     # ---- cancelling -------------------------------------------------------------------------
     def cancel(self, deployment_id: str, *, notify: bool) -> DeploymentRecord:
@@ -250,10 +250,10 @@ class Deployer:
         """Start pending deployments (also those created by the CLI) and time out overdue ones."""
         now = time.time() if now is None else now
         self._tell_cancelled()
-        active = self.registry.deployments(active_only=True)
-        offline = {d.device_id: d for d in self.registry.offline_devices()} if active else {}
-        for dep in active:
-            gone = self._offline_too_long(dep, offline.get(dep.device_id), now)
+        due = self.registry.deployments_due(now, offline_since=now - self.config.offline_grace_s)
+        for dep in due:
+            device = self.registry.find_device(dep.device_id)
+            gone = self._offline_too_long(dep, device, now) if device and device.status == "offline" else None
             if dep.deadline < now or gone:
                 why = gone or f"no outcome within the deadline (last status {dep.status})"
                 if self.finish(dep, _D.TIMEOUT, why):
@@ -328,7 +328,7 @@ def cancel_deployment(registry: Registry, deployment_id: str, *, notify: bool,
     _LOGGER.info("deployment %s: %s -> %s %s", deployment_id, dep.status, _D.CANCELLED, reason)
     if record.report is not None:
         if reports is not None:
-            reports.submit(deployment_id)
+            reports.submit(record)
         else:
             write_deployment_report(registry, deployment_id)
     return record

@@ -47,7 +47,7 @@ class Delivery(Protocol):
     def publish_verdict(self, dep: DeploymentRecord, verdict: Verdict) -> None: ...
 
     def transition(self, dep: DeploymentRecord, status: str, from_statuses: Iterable[str], reason: str, *,
-                   report: dict | None = None, verdict: dict | None = None) -> bool: ...
+                   report: dict | None = None, verdict: dict | None = None) -> DeploymentRecord | None: ...
 
     def finish(self, dep: DeploymentRecord, status: str, reason: str) -> bool: ...
 
@@ -160,8 +160,9 @@ class DeviceMessages:
                           reason=result.reason, created=iso_time(dep.created)).signed(self.deployer.key)
         status = _D.PASSED if result.passed else _D.FAILED
         # Conditional on a non-terminal status: a deployment finished meanwhile keeps its record.
-        if not self.deployer.transition(dep, status, (_D.PENDING, _D.TRANSFERRING, _D.MEASURING), result.reason,
-                                report=report.to_dict(), verdict=verdict.to_dict()):
+        gated = self.deployer.transition(dep, status, (_D.PENDING, _D.TRANSFERRING, _D.MEASURING), result.reason,
+                                         report=report.to_dict(), verdict=verdict.to_dict())
+        if gated is None:
             return
         self.deployer.publish_verdict(dep, verdict)
-        self.deployer.reports.submit(dep.deployment_id, plot=False)
+        self.deployer.reports.submit(gated, plot=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -76,7 +77,7 @@ def plot_latency(latency: dict[str, Any], out: Path, title: str) -> Path | None:
 
 
 def _markdown(deployment: dict[str, Any], report: dict[str, Any] | None, verdict: dict[str, Any] | None,
-              plot: Path | None) -> str:
+              plot: Path | None, plot_note: str = "") -> str:
     lines = [f"# Deployment {deployment['deployment_id']}", "",
              f"- device: `{deployment['device_id']}`",
              f"- model: `{deployment['model_id']}` version {deployment['version']}",
@@ -119,6 +120,8 @@ def _markdown(deployment: dict[str, Any], report: dict[str, Any] | None, verdict
             lines += ["", *text_histogram(lat)]
         if plot is not None:
             lines += ["", f"![latency]({plot.name})"]
+        elif plot_note:
+            lines += ["", plot_note]
         lines.append("")
     return "\n".join(lines)
 
@@ -140,11 +143,12 @@ def text_histogram(latency: dict[str, Any], width: int = 40) -> list[str]:
 
 
 def write_report(reports_dir: Path, deployment: dict[str, Any], report: dict[str, Any] | None,
-                 verdict: dict[str, Any] | None, plot: bool = True) -> Path:
+                 verdict: dict[str, Any] | None, plot: bool = True, plot_note: str = "") -> Path:
     """Write report.json and report.md (with a text histogram) and, if `plot`, latency.png; returns the folder.
 
     The PNG costs ~0.15 s of CPU (matplotlib), so the server draws it once per deployment, off the
-    ingestion path; the Markdown text histogram is always there.
+    ingestion path; the Markdown text histogram is always there. `plot_note` says in the Markdown
+    why a PNG was not drawn.
     """
     folder = Path(reports_dir) / deployment["deployment_id"]
     folder.mkdir(parents=True, exist_ok=True)
@@ -159,7 +163,7 @@ def write_report(reports_dir: Path, deployment: dict[str, Any], report: dict[str
     elif (folder / LATENCY_PNG).exists():
         png = folder / LATENCY_PNG
     # Replaced whole (a reader never sees half a file); not fsynced: they are redrawn from the registry.
-    atomic_write_text(folder / REPORT_MD, _markdown(deployment, report, verdict, png), durable=False)
+    atomic_write_text(folder / REPORT_MD, _markdown(deployment, report, verdict, png, plot_note), durable=False)
     # JSON last: a report.json showing a status means the plot and Markdown of that status exist too.
     atomic_write_text(folder / REPORT_JSON, json.dumps({"deployment": deployment, "report": report,
                                                         "verdict": verdict}, indent=2, sort_keys=True), durable=False)
@@ -175,18 +179,37 @@ def summary(dep: DeploymentRecord) -> dict[str, Any]:
 
 class ReportQueue:
     """Report files written in order on their own thread, so a finished deployment never holds up the
-    messages of the next ones (a matplotlib PNG costs ~0.15-0.3 s)."""
+    messages of the next ones.
 
-    def __init__(self, registry: Registry) -> None:
+    A matplotlib PNG costs ~45 ms of CPU on the development VM, ~20 times a deployment's whole
+    handling: a wave of thousands of devices finishing together would keep the server drawing
+    instead of ingesting. So PNGs get at most `plot_cpu_share` of the writer's time: after one
+    took t seconds the next waits t * (1 / share - 1). A single deployment always gets its PNG;
+    in a wave the skipped ones say so in their Markdown, and the dashboard draws a missing PNG
+    when someone opens it.
+    """
+
+    def __init__(self, registry: Registry, plot_cpu_share: float = 0.05) -> None:
+        if not 0 < plot_cpu_share <= 1:
+            raise ValueError(f"plot_cpu_share must be in (0, 1], got {plot_cpu_share}")
         self.registry = registry
+        self.plot_cpu_share = plot_cpu_share
+        self.plots_drawn = 0
+        self.plots_skipped = 0
+        self._plot_free_at = 0.0  # time.monotonic() from which the next PNG may be drawn
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeguide-reports")
 
-    def submit(self, deployment_id: str, plot: bool = True) -> None:
-        """Queue the report files for people; the PNG only once, when the deployment ends."""
+    def plot_free_in(self) -> float:
+        """Seconds until a PNG may be drawn again (<= 0: now)."""
+        return self._plot_free_at - time.monotonic()
+
+    def submit(self, record: DeploymentRecord, plot: bool = True) -> None:
+        """Queue the report files of `record` (the row as just written: the writer thread never reads
+        the database, so it never waits for the worker's transactions); the PNG only once, at the end."""
         try:
-            self._executor.submit(self._write_now, deployment_id, plot)
+            self._executor.submit(self._write_now, record, plot)
         except RuntimeError:  # closed: write it here rather than lose it
-            self._write_now(deployment_id, plot)
+            self._write_now(record, plot)
 
     def wait(self, timeout: float = 30.0) -> None:
         """Block until the report files queued so far are written (TimeoutError after `timeout`)."""
@@ -197,17 +220,32 @@ class ReportQueue:
         """Write the report files still queued."""
         self._executor.shutdown(wait=True)
 
-    def _write_now(self, deployment_id: str, plot: bool) -> None:
-        write_deployment_report(self.registry, deployment_id, plot)
+    def _write_now(self, record: DeploymentRecord, plot: bool) -> None:
+        note = ""
+        if plot and self.plot_free_in() > 0:
+            plot = False
+            self.plots_skipped += 1
+            note = (f"(latency.png not drawn: the server spends at most {self.plot_cpu_share:.0%} of its time on "
+                    f"plots while many deployments end together; the dashboard draws it when opened)")
+        started = time.monotonic()
+        write_record_report(self.registry.reports_dir, record, plot, plot_note=note)
+        if plot:
+            self.plots_drawn += 1
+            took = time.monotonic() - started
+            self._plot_free_at = time.monotonic() + took * (1.0 / self.plot_cpu_share - 1.0)
 
 
-def write_deployment_report(registry: Registry, deployment_id: str, plot: bool = True) -> None:
-    """Files of the deployment as recorded now (see write_report), if it has a report; errors are logged."""
-    dep = registry.deployment(deployment_id)
+def write_deployment_report(registry: Registry, deployment_id: str, plot: bool = True, plot_note: str = "") -> None:
+    """Files of the deployment as recorded now (see write_record_report)."""
+    write_record_report(registry.reports_dir, registry.deployment(deployment_id), plot, plot_note)
+
+
+def write_record_report(reports_dir: Path, dep: DeploymentRecord, plot: bool = True, plot_note: str = "") -> None:
+    """Files of one deployment record (see write_report), if it has a report; errors are logged."""
     if dep.report is None:
         return
     try:
-        write_report(registry.reports_dir, summary(dep), dep.report, dep.verdict, plot=plot)
+        write_report(reports_dir, summary(dep), dep.report, dep.verdict, plot=plot, plot_note=plot_note)
     except OSError as exc:  # the verdict stands even if the disk is full
         _LOGGER.error("could not write the report files of %s: %s", dep.deployment_id, exc)
     except Exception:  # a report bug must not silently stop the writer thread's later reports

@@ -11,6 +11,7 @@ resumes the rollout where it was and never re-sends a finished device's deployme
 from __future__ import annotations
 
 import logging
+import random
 import secrets
 from typing import Any
 
@@ -43,9 +44,15 @@ __all__ = ["ABORTED", "COMPLETED", "FINISHED", "ROLLING_BACK", "RUNNING", "SKIPP
 class RolloutManager:
     """Creates rollouts and advances them on every server tick (one call = one step per rollout)."""
 
-    def __init__(self, registry: Registry, deployer: Deployer) -> None:
+    def __init__(self, registry: Registry, deployer: Deployer, *, starts_per_tick: int = 100) -> None:
+        if starts_per_tick < 1:
+            raise ValueError(f"starts_per_tick must be >= 1, got {starts_per_tick}")
         self.registry = registry
         self.deployer = deployer
+        # A wave starts in slices: each tick starts at most this many devices per rollout and per
+        # server process, so device reports keep flowing between slices instead of waiting behind
+        # thousands of manifests signed in one go.
+        self.starts_per_tick = starts_per_tick
 
     # ---- creation and reading --------------------------------------------------------------
     def create(self, model_id: str, plan: RolloutPlan, *, version: int | None = None,
@@ -81,29 +88,29 @@ class RolloutManager:
 
     # ---- progress --------------------------------------------------------------------------
     def tick(self) -> None:
-        """Advance every unfinished rollout by one step (called from the server's worker thread)."""
-        for rollout in self.registry.rollouts(unfinished_only=True):
+        """Advance every unfinished rollout by one step (called from the server's worker thread).
+
+        Costs what the step does, not the rollout's size: the device list is read only to roll back.
+        """
+        for rollout in self.registry.rollouts(unfinished_only=True, with_devices=False):
             self._advance(rollout)
 
     def _advance(self, rollout: RolloutRecord) -> None:
-        members = [d for d in rollout.devices.values() if d["stage"] == rollout.stage]
         if rollout.status == RUNNING:
-            for member in members:
-                if member["deployment_id"] is None and member["outcome"] is None:
-                    self._start_device(rollout, member["device_id"])
+            self._start_slice(rollout)
         self._collect_outcomes(rollout)
-        rollout = self.get(rollout.rollout_id)
-        members = [d for d in rollout.devices.values() if d["stage"] == rollout.stage]
-        failed = sum(1 for m in members if m["outcome"] == "failed")
-        done = all(m["outcome"] is not None for m in members)
-        pct = 100.0 * failed / len(members)  # a skipped device counts as done, not failed
+        rollout = self.registry.rollout(rollout.rollout_id, with_devices=False)
+        total, failed, still_open = self.registry.rollout_stage_counts(rollout.rollout_id, rollout.stage)
+        done = still_open == 0
+        pct = 100.0 * failed / max(1, total)  # a skipped device counts as done, not failed
         name = rollout.plan.stages[rollout.stage].name
         if rollout.status == RUNNING and pct > rollout.plan.max_failure_pct:
-            reason = (f"stage {name!r}: {failed} of {len(members)} devices failed ({pct:.0f} % > "
+            reason = (f"stage {name!r}: {failed} of {total} devices failed ({pct:.0f} % > "
                       f"{rollout.plan.max_failure_pct:g} %); rolling back its promoted devices")
             self._set_status(rollout, ROLLING_BACK, rollout.stage, reason, from_status=RUNNING)
-            rollout = self.get(rollout.rollout_id)
+            rollout = self.registry.rollout(rollout.rollout_id, with_devices=False)
         if rollout.status == ROLLING_BACK:
+            members = [d for d in self.get(rollout.rollout_id).devices.values() if d["stage"] == rollout.stage]
             self._roll_back_promoted(rollout, members)
             if done:
                 self._set_status(rollout, ABORTED, rollout.stage, rollout.reason, from_status=ROLLING_BACK)
@@ -112,11 +119,23 @@ class RolloutManager:
             return
         if rollout.stage + 1 < len(rollout.plan.stages):
             self._set_status(rollout, RUNNING, rollout.stage + 1,
-                             f"stage {name!r} done ({failed} of {len(members)} failed)", from_status=RUNNING)
+                             f"stage {name!r} done ({failed} of {total} failed)", from_status=RUNNING)
         else:
             self._set_status(rollout, COMPLETED, rollout.stage,
-                             f"all {len(rollout.plan.stages)} stages done (last: {failed} of {len(members)} failed)",
+                             f"all {len(rollout.plan.stages)} stages done (last: {failed} of {total} failed)",
                              from_status=RUNNING)
+
+    def _start_slice(self, rollout: RolloutRecord) -> None:
+        """Start up to `starts_per_tick` unstarted devices of the current stage.
+
+        Candidates are shuffled so that server processes sharing the database mostly claim
+        different devices instead of racing for the same ones (a lost claim costs one UPDATE).
+        """
+        candidates = self.registry.unstarted_rollout_devices(rollout.rollout_id, rollout.stage,
+                                                             limit=4 * self.starts_per_tick)
+        random.shuffle(candidates)
+        for device_id in candidates[:self.starts_per_tick]:
+            self._start_device(rollout, device_id)
 
     def _start_device(self, rollout: RolloutRecord, device_id: str) -> None:
         # Claim the row first: with several server processes, exactly one creates the deployment.

@@ -57,6 +57,7 @@ class ServerConfig:
     tls_key: str | None = None
     shared_subscription: bool = True  # used only on MQTT 5 brokers
     tick_s: float = 1.0
+    rollout_starts_per_tick: int = 100  # devices a tick starts per rollout: a wave starts in slices
 
 
 class EdgeGuideServer:
@@ -79,7 +80,7 @@ class EdgeGuideServer:
         self.deployer = Deployer(registry, self.key, self._publish, topics=self.topics,
                                  policy=policy or load_policy(), config=deployer_config,
                                  chunk_transform=chunk_transform)
-        self.rollouts = RolloutManager(registry, self.deployer)
+        self.rollouts = RolloutManager(registry, self.deployer, starts_per_tick=self.config.rollout_starts_per_tick)
         # The single thread that owns the server's work; a new one per start() (a thread runs once).
         self._worker = self._new_worker()
         self._worker_started = False

@@ -204,6 +204,13 @@ def test_deployment_page_shows_gate_checks_histogram_energy_agreement_and_paired
     md = page.request.get(f"{fleet.url}/deployments/{dep.deployment_id}/files/report.md")
     assert md.status == 200 and dep.deployment_id in md.text()
     assert page.request.get(f"{fleet.url}/deployments/{dep.deployment_id}/files/..%2Fregistry.sqlite").status == 404
+    # A PNG the server skipped while busy (ReportQueue's plot share) is still linked, and drawn on first view.
+    png = fleet.registry.reports_dir / dep.deployment_id / "latency.png"
+    png.unlink()
+    page.reload()
+    assert page.locator("#report-files a", has_text="latency.png").count() == 1
+    drawn = page.request.get(f"{fleet.url}/deployments/{dep.deployment_id}/files/latency.png")
+    assert drawn.status == 200 and drawn.body().startswith(b"\x89PNG") and png.is_file()
 
 
 def test_failed_deployment_page_shows_the_reason(fleet: Fleet, page: Any) -> None:

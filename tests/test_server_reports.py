@@ -62,3 +62,62 @@ def test_malformed_histogram_falls_back_without_losing_the_report(tmp_path: Path
     report["latency_ms"]["histogram"] = {"edges_ms": [0, 1], "counts": [1, 2, 3]}  # inconsistent
     folder = write_report(tmp_path, DEPLOYMENT, report, None)
     assert (folder / LATENCY_PNG).exists() and (folder / REPORT_MD).exists()
+
+
+def test_report_queue_spends_a_bounded_share_on_plots_and_says_when_it_skipped_one(
+        tmp_path: Path, tiny_artifact: Path) -> None:
+    """A wave finishing at once must not keep the server drawing PNGs (~45 ms each): after a PNG
+    the next waits for its share of time; skipped ones say so in their Markdown; a lone
+    deployment later gets its PNG again."""
+    import threading
+    import time
+
+    from server.registry import Registry
+    from server.reports import ReportQueue
+
+    registry = Registry(tmp_path / "reg")
+    queue = ReportQueue(registry, plot_cpu_share=0.05)
+    try:
+        artifact = registry.register(tiny_artifact)
+        deps = []
+        for n in range(7):
+            dep = registry.create_deployment(artifact, f"pi-{n}", chunk_size=4096, policy=None, deadline_s=600,
+                                             status="measuring")
+            deps.append(registry.update_deployment(dep.deployment_id, report=_report(with_histogram=True)))
+        gate = threading.Event()
+        queue._executor.submit(gate.wait, 30)  # hold the writer so six queue up behind it, as in a wave
+        for record in deps[:6]:
+            queue.submit(record)
+        gate.set()
+        queue.wait()
+        drawn = [(registry.reports_dir / d.deployment_id / LATENCY_PNG).is_file() for d in deps[:6]]
+        assert drawn == [True, False, False, False, False, False]  # the first PNG buys 19x its time of rest
+        assert (queue.plots_drawn, queue.plots_skipped) == (1, 5)
+        assert queue.plot_free_in() > 0
+        md = (registry.reports_dir / deps[1].deployment_id / REPORT_MD).read_text()
+        assert "latency.png not drawn: the server spends at most 5% of its time on plots" in md
+        assert "![latency]" not in md
+        stored = json.loads((registry.reports_dir / deps[1].deployment_id / REPORT_JSON).read_text())
+        assert stored["report"]["latency_ms"]["p90"] == deps[1].report["latency_ms"]["p90"]
+        # Once the share is respected again, the next deployment gets its PNG.
+        time.sleep(max(0.0, queue.plot_free_in()) + 0.05)
+        queue.submit(deps[6])
+        queue.wait()
+        assert (registry.reports_dir / deps[6].deployment_id / LATENCY_PNG).is_file()
+    finally:
+        queue.close()
+        registry.close()
+
+
+def test_report_queue_refuses_a_share_outside_0_to_1(tmp_path: Path) -> None:
+    import pytest
+
+    from server.registry import Registry
+    from server.reports import ReportQueue
+
+    registry = Registry(tmp_path / "reg")
+    try:
+        with pytest.raises(ValueError, match="plot_cpu_share must be in"):
+            ReportQueue(registry, plot_cpu_share=0.0)
+    finally:
+        registry.close()

@@ -18,14 +18,16 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from agent.link import REPORT_RESEND_MAX_FACTOR
 from bench.fleetsim.mqtt5 import Client, Will
+from protocol.backoff import Backoff
 from protocol.errors import ProtocolError, SignatureError
 from protocol.messages import DeviceState, Event, Manifest, Report, Verdict
 from protocol.topics import Topics
 
 _LOGGER = logging.getLogger(__name__)
 RUNTIME = {"name": "ai-edge-litert", "version": "2.3.0"}
-REPORT_RESEND_S = 20.0
+REPORT_RESEND_S = 20.0  # the first wait; then doubling up to REPORT_RESEND_MAX_FACTOR times it
 
 
 def report_dict(device_id: str, deployment_id: str, model_id: str, version: int, size: int) -> dict[str, Any]:
@@ -153,8 +155,11 @@ class SimDevice:
         asyncio.create_task(self._guard(self._resend_until_verdict(report.deployment_id)))
 
     async def _resend_until_verdict(self, deployment_id: str) -> None:
+        # As the agent does (agent.link): growing, jittered waits, so a server that is behind is not
+        # buried under a fleet's retries.
+        backoff = Backoff(REPORT_RESEND_S, REPORT_RESEND_MAX_FACTOR * REPORT_RESEND_S, jitter=0.2)
         while True:
-            await asyncio.sleep(REPORT_RESEND_S)
+            await asyncio.sleep(backoff.next())
             payload = self._awaiting.get(deployment_id)
             if payload is None or self.client.closed:
                 return

@@ -70,6 +70,10 @@ class PostgresCluster:
         if done.returncode != 0:
             raise RuntimeError(f"pg_ctl {action} failed:\n{done.stdout}\n{done.stderr}")
 
+    def pid(self) -> int:
+        """The postmaster's pid (its children are the backends, one per connection)."""
+        return int((self.data / "postmaster.pid").read_text().split()[0])
+
     def restart(self) -> None:
         """Stop (fast: connections are dropped) and start again: what a failover or upgrade looks like."""
         self._ctl("restart", "-m", "fast")

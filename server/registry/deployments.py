@@ -74,6 +74,20 @@ class DeploymentTables(EventLog):
             sql += f" LIMIT {int(limit)}"
         return [DeploymentRecord.from_row(r) for r in self.db.query(sql, params)]
 
+    def deployments_due(self, now: float, offline_since: float) -> list[DeploymentRecord]:
+        """Active deployments a tick must act on: pending ones, those past their deadline, and those
+        whose device has been offline since before `offline_since` (and that started before it).
+
+        One filtered query, so a tick costs what it acts on, not the number of deployments in flight
+        (a 10,000-device wave re-read in full every second starved the ingest).
+        """
+        active = sorted(s.value for s in ACTIVE)
+        sql = (f"SELECT d.* FROM deployments d LEFT JOIN devices v ON v.device_id = d.device_id"
+               f" WHERE d.status IN ({', '.join('?' for _ in active)}) AND (d.status = ? OR d.deadline < ?"
+               f" OR (v.status = ? AND v.last_seen < ? AND d.created < ?)) ORDER BY d.created")
+        rows = self.db.query(sql, (*active, "pending", now, "offline", offline_since, offline_since))
+        return [DeploymentRecord.from_row(r) for r in rows]
+
     def transition(self, deployment_id: str, expected: Iterable[str], status: str, *, reason: str | None = None,
                    report: dict | None = None, verdict: dict | None = None) -> DeploymentRecord | None:
         """Compare-and-set: move to `status` only while the row is in one of `expected`.
@@ -88,11 +102,13 @@ class DeploymentTables(EventLog):
             if value is not None:
                 sets.append(f"{column} = ?")
                 params.append(value)
+        # RETURNING: the new row comes back with the update (one round trip instead of two per status change).
         sql = (f"UPDATE deployments SET {', '.join(sets)} WHERE deployment_id = ? AND status IN "
-               f"({', '.join('?' for _ in olds)})")
-        if self.db.execute(sql, [*params, deployment_id, *(old.value for old in olds)]) != 1:
+               f"({', '.join('?' for _ in olds)}) RETURNING *")
+        rows = self.db.query(sql, [*params, deployment_id, *(old.value for old in olds)])
+        if len(rows) != 1:
             return None
-        record = self.deployment(deployment_id)
+        record = DeploymentRecord.from_row(rows[0])
         self.log_event(f"status:{status}", device_id=record.device_id, deployment_id=deployment_id,
                        detail=reason or "")
         return record

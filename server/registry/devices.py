@@ -81,8 +81,3 @@ class DeviceTables(EventLog):
     def delete_device(self, device_id: str) -> None:
         """Remove a device's row (callers check first that nothing runs on it)."""
         self.db.execute("DELETE FROM devices WHERE device_id = ?", (device_id,))
-
-    def offline_devices(self) -> list[DeviceRecord]:
-        """Devices whose last state said offline (a Last Will or a clean stop); `last_seen` is when."""
-        rows = self.db.query("SELECT * FROM devices WHERE status = ? ORDER BY device_id", ("offline",))
-        return [DeviceRecord.from_row(r) for r in rows]

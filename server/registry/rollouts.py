@@ -47,27 +47,43 @@ class RolloutTables(EventLog):
                                      skipped.get(device, "")))
         return self.rollout(rollout_id)
 
-    def rollout(self, rollout_id: str) -> RolloutRecord:
-        """One rollout with its devices (RegistryError if unknown)."""
+    def rollout(self, rollout_id: str, *, with_devices: bool = True) -> RolloutRecord:
+        """One rollout, with its devices unless `with_devices` is False (RegistryError if unknown)."""
         rows = self.db.query("SELECT * FROM rollouts WHERE rollout_id = ?", (rollout_id,))
         if not rows:
             raise RegistryError(f"no rollout {rollout_id!r}")
         row = rows[0]
         devices = {d["device_id"]: d for d in self.db.query(
-            "SELECT * FROM rollout_devices WHERE rollout_id = ? ORDER BY stage, device_id", (rollout_id,))}
+            "SELECT * FROM rollout_devices WHERE rollout_id = ? ORDER BY stage, device_id", (rollout_id,))} \
+            if with_devices else {}
         return RolloutRecord(row["rollout_id"], row["model_id"], int(row["version"]),
                              RolloutPlan.from_dict(json.loads(row["plan"])),
                              json.loads(row["policy"]) if row["policy"] else None, row["status"], int(row["stage"]),
                              row["reason"], devices)
 
-    def rollouts(self, *, unfinished_only: bool = False) -> list[RolloutRecord]:
+    def rollouts(self, *, unfinished_only: bool = False, with_devices: bool = True) -> list[RolloutRecord]:
         """Every rollout, oldest first (`unfinished_only`: those still running or rolling back)."""
         sql, params = "SELECT rollout_id FROM rollouts", []
         if unfinished_only:
             finished = sorted(s.value for s in FINISHED)
             sql += f" WHERE status NOT IN ({', '.join('?' for _ in finished)})"
             params = finished
-        return [self.rollout(r["rollout_id"]) for r in self.db.query(sql + " ORDER BY created", params)]
+        return [self.rollout(r["rollout_id"], with_devices=with_devices)
+                for r in self.db.query(sql + " ORDER BY created", params)]
+
+    def unstarted_rollout_devices(self, rollout_id: str, stage: int, limit: int) -> list[str]:
+        """Up to `limit` devices of `stage` with neither a deployment (nor a claim) nor an outcome yet."""
+        rows = self.db.query("SELECT device_id FROM rollout_devices WHERE rollout_id = ? AND stage = ?"
+                             f" AND deployment_id IS NULL AND outcome IS NULL ORDER BY device_id LIMIT {int(limit)}",
+                             (rollout_id, stage))
+        return [r["device_id"] for r in rows]
+
+    def rollout_stage_counts(self, rollout_id: str, stage: int) -> tuple[int, int, int]:
+        """(devices, failed, still without an outcome) of one stage, counted by the database."""
+        row = self.db.query("SELECT COUNT(*) AS n, SUM(CASE WHEN outcome = 'failed' THEN 1 ELSE 0 END) AS failed,"
+                            " SUM(CASE WHEN outcome IS NULL THEN 1 ELSE 0 END) AS open FROM rollout_devices"
+                            " WHERE rollout_id = ? AND stage = ?", (rollout_id, stage))[0]
+        return int(row["n"]), int(row["failed"] or 0), int(row["open"] or 0)
 
     def transition_rollout(self, rollout: RolloutRecord, status: str, stage: int, reason: str) -> bool:
         """Compare-and-set the rollout's status and stage from what `rollout` recorded; logs `rollout:<status>`."""

@@ -27,6 +27,7 @@ from starlette.staticfiles import StaticFiles
 
 from server.gate import format_figure
 from server.registry import Registry, RegistryError
+from server.reports import LATENCY_PNG, REPORT_JSON, write_deployment_report
 from server.rollout import RolloutManager
 from server.web import views
 from server.web.actions import ActionError, Actions
@@ -172,6 +173,9 @@ def create_app(registry: Registry, server: Any = None, config: DashboardConfig |
         if name not in views.REPORT_FILES or views.find_deployment(registry, dep_id) is None:
             return PlainTextResponse("not found", status_code=404)
         path = registry.reports_dir / dep_id / name
+        if name == LATENCY_PNG and not path.is_file() and path.with_name(REPORT_JSON).is_file():
+            # Not drawn while many deployments ended together (see ReportQueue): drawn now, once.
+            await run_in_threadpool(write_deployment_report, registry, dep_id, True)
         if not path.is_file():
             return PlainTextResponse("not found", status_code=404)
         media = {"report.md": "text/plain; charset=utf-8", "report.json": "application/json",

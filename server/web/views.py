@@ -231,7 +231,10 @@ REPORT_FILES = ("report.md", "report.json", "latency.png")
 def report_files(registry: Registry, deployment_id: str) -> list[str]:
     """Which of the deployment's report files exist on disk (names only, never a path from the URL)."""
     folder = registry.reports_dir / deployment_id
-    return [name for name in REPORT_FILES if (folder / name).is_file()]
+    present = [name for name in REPORT_FILES if (folder / name).is_file()]
+    if "report.json" in present and "latency.png" not in present:
+        present.append("latency.png")  # not drawn while the server was busy: the route draws it on demand
+    return present
 
 
 def _histogram(report: dict[str, Any]) -> dict[str, Any] | None:
