@@ -16,7 +16,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from protocol.backoff import Backoff
 from protocol.errors import ProtocolError
 from protocol.messages import DeviceState, Event, Heartbeat, Report
 from protocol.mqtt import MqttLink
@@ -24,8 +23,8 @@ from protocol.redact import redact_url
 from protocol.topics import Topics
 from protocol.worker import Worker
 from server import keys
-from server.db import DatabaseUnavailable
 from server.deployer import ChunkTransform, Deployer, DeployerConfig
+from server.inbox import Inbox
 from server.ingest import DeviceRateLimiter, IngestLimits, bounded
 from server.policy import Policy, load_policy
 from server.registry import DeploymentRecord, Registry
@@ -58,6 +57,7 @@ class ServerConfig:
     shared_subscription: bool = True  # used only on MQTT 5 brokers
     tick_s: float = 1.0
     rollout_starts_per_tick: int = 100  # devices a tick starts per rollout: a wave starts in slices
+    ingest_group: int = 64  # device messages per transaction (PostgreSQL; server/inbox.py)
 
 
 class EdgeGuideServer:
@@ -80,13 +80,18 @@ class EdgeGuideServer:
         self.deployer = Deployer(registry, self.key, self._publish, topics=self.topics,
                                  policy=policy or load_policy(), config=deployer_config,
                                  chunk_transform=chunk_transform)
+        self._stopping = threading.Event()  # ends a retry while the database is down
+        # Device messages, handled in groups of one transaction each (group commit) on PostgreSQL.
+        self.inbox = Inbox(self.handle, registry.unit_of_work, self._publish_now,
+                           lambda job: self._worker.submit(job, "inbox"), on_error=self._record_error,
+                           stopping=self._stopping,
+                           max_messages=self.config.ingest_group if registry.spans_messages else 1)
         self.rollouts = RolloutManager(registry, self.deployer, starts_per_tick=self.config.rollout_starts_per_tick)
         # The single thread that owns the server's work; a new one per start() (a thread runs once).
         self._worker = self._new_worker()
         self._worker_started = False
         self._subscribed = False
         self._subscribe_sent = threading.Event()
-        self._stopping = threading.Event()  # ends a retry while the database is down
         self.malformed = 0
         self.reports_ingested = 0
 
@@ -146,6 +151,9 @@ class EdgeGuideServer:
         _LOGGER.info("subscribed to %s", topic_filter)
 
     def _publish(self, topic: str, payload: bytes) -> None:
+        self.inbox.publish(topic, payload)  # held until the commit while device messages are handled
+
+    def _publish_now(self, topic: str, payload: bytes) -> None:
         self.link.publish(topic, payload, qos=1)
 
     def _enqueue(self, topic: str, payload: bytes) -> None:
@@ -158,7 +166,7 @@ class EdgeGuideServer:
             if dropped:
                 self._call(functools.partial(self._record_rate_limited, device[:64], dropped))
             return
-        self._worker.submit(lambda: self._handle_until_stored(topic, payload), topic)
+        self.inbox.put(topic, payload)
 
     def _record_rate_limited(self, device: str, dropped: int) -> None:
         lim = self.ingest_limits
@@ -182,27 +190,6 @@ class EdgeGuideServer:
     def _call(self, fn: Callable[[], object]) -> None:
         """Run `fn` on the worker thread, in order with the messages (one writer, no races)."""
         self._worker.submit(fn, getattr(fn, "__name__", "call"))
-
-    def _handle_until_stored(self, topic: str, payload: bytes) -> None:
-        """handle(), retried while the registry database is unreachable (a restart, a failover).
-
-        The broker already counts the message as delivered: dropping it would lose a report or an
-        event. Handling is idempotent per message (a repeated report re-sends the recorded verdict).
-        One transaction per message: its writes land together (one commit, one WAL flush on
-        PostgreSQL instead of one per statement) or not at all, and then the retry redoes them.
-        """
-        backoff = Backoff(initial=0.2, maximum=5.0)
-        while True:
-            try:
-                with self.registry.unit_of_work():
-                    self.handle(topic, payload)
-                return
-            except DatabaseUnavailable as exc:
-                if self._stopping.is_set():
-                    raise
-                delay = backoff.next()
-                _LOGGER.warning("registry unavailable while handling %r, retrying in %.1f s: %s", topic, delay, exc)
-                self._stopping.wait(delay)
 
     def _record_error(self, label: str, exc: Exception) -> None:
         """A bug or a bad message must not stop the worker: it is logged (by the worker) and recorded here."""

@@ -64,6 +64,11 @@ class Registry(ArtifactTables, DeviceTables, DeploymentTables, RolloutTables):
     def close(self) -> None:
         self.db.close()
 
+    @property
+    def spans_messages(self) -> bool:
+        """Whether one transaction may span several device messages (PostgreSQL; not SQLite, see below)."""
+        return not isinstance(self.db, SqliteDatabase)
+
     def unit_of_work(self) -> AbstractContextManager[None]:
         """One transaction around one device message's writes on PostgreSQL (one commit instead of one
         per statement; all land or none does). On SQLite a write transaction locks the whole file, so
