@@ -6,9 +6,10 @@ time committing than handling. Messages waiting in the inbox are handled togethe
 `max_messages`, and committed once.
 
 What stays true per message:
-- Publishes made while a group is handled (verdicts, chunks, commands) are held until the group
-  has committed, so a device never hears of a record that could still roll back. A group also
-  ends early once `max_held_bytes` are held (chunk windows are large).
+- Publishes made while a group is handled (verdicts, commands) are held until the group has
+  committed, so a device never hears of a record that could still roll back (the server sends
+  model chunks at once: they follow a manifest already committed). A group also ends early once
+  `max_held_bytes` are held.
 - If one message raises, the whole group is rolled back and its messages handled again one
   transaction each: the bad one loses only its own writes, the others are stored once. Handling
   is idempotent per message (a repeated report re-sends its verdict), which is what makes the

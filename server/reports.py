@@ -183,25 +183,32 @@ class ReportQueue:
 
     A matplotlib PNG costs ~45 ms of CPU on the development VM, ~20 times a deployment's whole
     handling: a wave of thousands of devices finishing together would keep the server drawing
-    instead of ingesting. So PNGs get at most `plot_cpu_share` of the writer's time: after one
-    took t seconds the next waits t * (1 / share - 1). A single deployment always gets its PNG;
-    in a wave the skipped ones say so in their Markdown, and the dashboard draws a missing PNG
-    when someone opens it.
+    instead of ingesting. So PNGs draw from a budget of CPU seconds: it holds up to
+    `plot_burst_s` (a handful of deployments ending together all get their PNG) and refills at
+    `plot_cpu_share` of the time that passes. Skipped PNGs say so in their Markdown, and the
+    dashboard draws a missing PNG when someone opens it.
     """
 
-    def __init__(self, registry: Registry, plot_cpu_share: float = 0.05) -> None:
+    def __init__(self, registry: Registry, plot_cpu_share: float = 0.05, plot_burst_s: float = 0.5) -> None:
         if not 0 < plot_cpu_share <= 1:
             raise ValueError(f"plot_cpu_share must be in (0, 1], got {plot_cpu_share}")
+        if plot_burst_s < 0:
+            raise ValueError(f"plot_burst_s must be >= 0, got {plot_burst_s}")
         self.registry = registry
         self.plot_cpu_share = plot_cpu_share
+        self.plot_burst_s = plot_burst_s
         self.plots_drawn = 0
         self.plots_skipped = 0
-        self._plot_free_at = 0.0  # time.monotonic() from which the next PNG may be drawn
+        self._budget_s = plot_burst_s
+        self._budget_at = time.monotonic()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeguide-reports")
 
-    def plot_free_in(self) -> float:
-        """Seconds until a PNG may be drawn again (<= 0: now)."""
-        return self._plot_free_at - time.monotonic()
+    def plot_budget_s(self) -> float:
+        """CPU seconds left for PNGs now (a PNG is drawn while this is >= 0, which it may take below zero)."""
+        now = time.monotonic()
+        self._budget_s = min(self.plot_burst_s, self._budget_s + (now - self._budget_at) * self.plot_cpu_share)
+        self._budget_at = now
+        return self._budget_s
 
     def submit(self, record: DeploymentRecord, plot: bool = True) -> None:
         """Queue the report files of `record` (the row as just written: the writer thread never reads
@@ -222,7 +229,7 @@ class ReportQueue:
 
     def _write_now(self, record: DeploymentRecord, plot: bool) -> None:
         note = ""
-        if plot and self.plot_free_in() > 0:
+        if plot and self.plot_budget_s() < 0:
             plot = False
             self.plots_skipped += 1
             note = (f"(latency.png not drawn: the server spends at most {self.plot_cpu_share:.0%} of its time on "
@@ -231,8 +238,7 @@ class ReportQueue:
         write_record_report(self.registry.reports_dir, record, plot, plot_note=note)
         if plot:
             self.plots_drawn += 1
-            took = time.monotonic() - started
-            self._plot_free_at = time.monotonic() + took * (1.0 / self.plot_cpu_share - 1.0)
+            self._budget_s = self.plot_budget_s() - (time.monotonic() - started)
 
 
 def write_deployment_report(registry: Registry, deployment_id: str, plot: bool = True, plot_note: str = "") -> None:

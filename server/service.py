@@ -60,6 +60,9 @@ class ServerConfig:
     ingest_group: int = 64  # device messages per transaction (PostgreSQL; server/inbox.py)
 
 
+CHUNK_TOPIC_SUFFIX = "/down/chunk"
+
+
 class EdgeGuideServer:
     """Registry + deployer + MQTT ingestion; `start()`, `deploy()`, `wait()`, `stop()`."""
 
@@ -151,7 +154,12 @@ class EdgeGuideServer:
         _LOGGER.info("subscribed to %s", topic_filter)
 
     def _publish(self, topic: str, payload: bytes) -> None:
-        self.inbox.publish(topic, payload)  # held until the commit while device messages are handled
+        if topic.endswith(CHUNK_TOPIC_SUFFIX):
+            # Pieces of an artifact whose deployment is already recorded as sending: nothing about
+            # them can roll back, and holding a window of them would only delay the download.
+            self._publish_now(topic, payload)
+        else:  # verdicts, commands: held until the commit while device messages are handled
+            self.inbox.publish(topic, payload)
 
     def _publish_now(self, topic: str, payload: bytes) -> None:
         self.link.publish(topic, payload, qos=1)

@@ -76,7 +76,7 @@ def test_report_queue_spends_a_bounded_share_on_plots_and_says_when_it_skipped_o
     from server.reports import ReportQueue
 
     registry = Registry(tmp_path / "reg")
-    queue = ReportQueue(registry, plot_cpu_share=0.05)
+    queue = ReportQueue(registry, plot_cpu_share=0.05, plot_burst_s=0.0)
     try:
         artifact = registry.register(tiny_artifact)
         deps = []
@@ -93,17 +93,46 @@ def test_report_queue_spends_a_bounded_share_on_plots_and_says_when_it_skipped_o
         drawn = [(registry.reports_dir / d.deployment_id / LATENCY_PNG).is_file() for d in deps[:6]]
         assert drawn == [True, False, False, False, False, False]  # the first PNG buys 19x its time of rest
         assert (queue.plots_drawn, queue.plots_skipped) == (1, 5)
-        assert queue.plot_free_in() > 0
+        assert queue.plot_budget_s() < 0
         md = (registry.reports_dir / deps[1].deployment_id / REPORT_MD).read_text()
         assert "latency.png not drawn: the server spends at most 5% of its time on plots" in md
         assert "![latency]" not in md
         stored = json.loads((registry.reports_dir / deps[1].deployment_id / REPORT_JSON).read_text())
         assert stored["report"]["latency_ms"]["p90"] == deps[1].report["latency_ms"]["p90"]
         # Once the share is respected again, the next deployment gets its PNG.
-        time.sleep(max(0.0, queue.plot_free_in()) + 0.05)
+        time.sleep(-queue.plot_budget_s() / queue.plot_cpu_share + 0.05)
         queue.submit(deps[6])
         queue.wait()
         assert (registry.reports_dir / deps[6].deployment_id / LATENCY_PNG).is_file()
+    finally:
+        queue.close()
+        registry.close()
+
+
+def test_report_queue_draws_every_png_of_a_few_deployments_ending_together(
+        tmp_path: Path, tiny_artifact: Path) -> None:
+    import threading
+
+    from server.registry import Registry
+    from server.reports import ReportQueue
+
+    registry = Registry(tmp_path / "reg")
+    queue = ReportQueue(registry, plot_cpu_share=0.05, plot_burst_s=30.0)
+    try:
+        artifact = registry.register(tiny_artifact)
+        records = []
+        for n in range(4):
+            dep = registry.create_deployment(artifact, f"pi-{n}", chunk_size=4096, policy=None, deadline_s=600,
+                                             status="measuring")
+            records.append(registry.update_deployment(dep.deployment_id, report=_report(with_histogram=True)))
+        gate = threading.Event()
+        queue._executor.submit(gate.wait, 30)
+        for record in records:
+            queue.submit(record)
+        gate.set()
+        queue.wait()
+        assert all((registry.reports_dir / r.deployment_id / LATENCY_PNG).is_file() for r in records)
+        assert (queue.plots_drawn, queue.plots_skipped) == (4, 0)
     finally:
         queue.close()
         registry.close()
