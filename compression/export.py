@@ -77,8 +77,12 @@ def _representative(dataset: Dataset, window: int, n: int, seed: int = 0) -> Ite
 
 
 def convert(model: keras.Model, dataset: Dataset, *, k: int = 20, quantization: str = "none",
-            representative_n: int = 256) -> bytes:
-    """Convert a Keras recommender to a two-signature .tflite with the given post-training quantization."""
+            representative_n: int = 256, compact: bool = True) -> bytes:
+    """Convert a Keras recommender to a two-signature .tflite with the given post-training quantization.
+
+    ``compact`` False returns the converter's own output (for comparisons), else the lossless
+    ``compact_tflite`` form.
+    """
     if quantization not in QUANTIZATIONS:
         raise ExportError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
     window = int(model.inputs[0].shape[1])
@@ -110,7 +114,9 @@ def convert(model: keras.Model, dataset: Dataset, *, k: int = 20, quantization: 
             # inference_input/output_type stay at their float32 default, which leaves the int32
             # ids input alone and dequantizes the scores: the agent's interface does not change.
         blob = converter.convert()
-    blob, _ = compact_tflite(blob)  # lossless: shared duplicate constants, no tensor names
+    if not compact:
+        return blob
+    blob, _ = compact_tflite(blob)  # lossless: shared constants, no tensor names, one subgraph
     _LOGGER.info("converted %s model: %d bytes (%s)", quantization, len(blob), model.name)
     return blob
 
