@@ -49,7 +49,7 @@ class _AlignedBuffer(schema.BufferT):
         return schema.BufferEnd(builder)
 
 
-def _pack(model: schema.ModelT, size_hint: int) -> bytes:
+def pack_model(model: schema.ModelT, size_hint: int) -> bytes:
     """Serialise ``model`` with 16-byte aligned buffer payloads."""
     aligned = []
     for buffer in model.buffers:
@@ -200,11 +200,11 @@ def compact_tflite(blob: bytes, *, merge_signatures: bool = True) -> tuple[bytes
             tensor.name = None
     for index in alias:
         model.buffers[index].data = None
-    out = _pack(model, len(blob))
+    out = pack_model(model, len(blob))
     merged = False
     model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(out, 0))
     if merge_signatures and _merge_signatures(model):
-        candidate = _pack(model, len(out))
+        candidate = pack_model(model, len(out))
         before, after = _signature_outputs(out), _signature_outputs(candidate)
         same = before.keys() == after.keys() and all(
             len(before[k]) == len(after[k])

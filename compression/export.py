@@ -33,8 +33,10 @@ from compression.tflite_eval import (
 _LOGGER = logging.getLogger(__name__)
 
 # "dynamic" = int8 weights with per-channel scales, float activations (TF's default; FULLY_CONNECTED
-# v12, which tflite-runtime 2.14 rejects); "dynamic-tensor" = the same with one scale per tensor.
-QUANTIZATIONS = ("none", "dynamic", "dynamic-tensor", "int8", "float16")
+# v12, which tflite-runtime 2.14 rejects); "dynamic-tensor" = the same with one scale per tensor;
+# "dynamic-int4" = dynamic-tensor with the per-item tables only FULLY_CONNECTED reads in int4
+# (compression/int4.py; ai-edge-litert runs it, tflite-runtime 2.14 does not).
+QUANTIZATIONS = ("none", "dynamic", "dynamic-tensor", "dynamic-int4", "int8", "float16")
 FORMAT = 1
 GOLDEN_N = 64
 POPULAR_N = 100
@@ -101,7 +103,7 @@ def convert(model: keras.Model, dataset: Dataset, *, k: int = 20, quantization: 
         converter = tf.lite.TFLiteConverter.from_saved_model(tmp, signature_keys=[RECOMMEND, SCORE])
         if quantization != "none":
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        if quantization in ("dynamic-tensor", "int8"):
+        if quantization in ("dynamic-tensor", "dynamic-int4", "int8"):
             # One scale per weight tensor: per-channel scales and zero points cost 12 bytes per
             # output channel, i.e. per item for every [V, d] score table, and each signature
             # stores its own copy (measured: 196 KB of a 530 KB dynamic-range SASRec at V=3659).
@@ -117,6 +119,10 @@ def convert(model: keras.Model, dataset: Dataset, *, k: int = 20, quantization: 
     if not compact:
         return blob
     blob, _ = compact_tflite(blob)  # lossless: shared constants, no tensor names, one subgraph
+    if quantization == "dynamic-int4":
+        from compression.int4 import int4_fc_tables
+
+        blob, _ = int4_fc_tables(blob)
     _LOGGER.info("converted %s model: %d bytes (%s)", quantization, len(blob), model.name)
     return blob
 

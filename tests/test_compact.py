@@ -38,6 +38,8 @@ def exported():
     heads = model.get_layer("transitions")
     rng = np.random.default_rng(3)
     heads.item_bias.assign(rng.normal(0.0, 1.0, size=heads.item_bias.shape).astype(np.float32))
+    # the layer's initializer draws the same values for both FPMC factors; shared buffers would hide them
+    heads.next_factors.assign(rng.normal(0.0, 0.3, size=heads.next_factors.shape).astype(np.float32))
     raw = convert(model, dataset, k=K, quantization="dynamic-tensor", compact=False)
     histories = dataset.eval_histories("test", WINDOW)[0][:12]
     return model, dataset, raw, histories
@@ -125,3 +127,43 @@ def test_signatures_that_compute_different_things_keep_their_subgraphs() -> None
     results = {key: interpreter.get_signature_runner(key)(x=x)["y"] for key in interpreter.get_signature_list()}
     assert len(results) == 2
     assert sorted(tuple(v[0].tolist()) for v in results.values()) == [(0.0, 2.0, 4.0, 6.0), (1.0, 2.0, 3.0, 4.0)]
+
+
+def _int8_grid_copy(blob: bytes, int4_blob: bytes) -> bytes:
+    """``blob`` with every table the int4 model packed replaced by the same int4 values on the int8 grid."""
+    from compression.compact import pack_model
+
+    int4 = _parse(int4_blob)
+    model = _parse(blob)
+    for sg8, sg4 in zip(model.subgraphs, int4.subgraphs, strict=True):
+        for t8, t4 in zip(sg8.tensors, sg4.tensors, strict=True):
+            if t4.type != schema.TensorType.INT4:
+                continue
+            packed = np.frombuffer(bytes(int4.buffers[t4.buffer].data), dtype=np.uint8)
+            nibbles = np.stack([packed & 0x0F, packed >> 4], axis=1).ravel()[:int(np.prod(t4.shape))]
+            values = np.where(nibbles > 7, nibbles.astype(np.int16) - 16, nibbles).astype(np.int8)
+            model.buffers[t8.buffer].data = np.frombuffer(values.tobytes(), dtype=np.uint8)
+            t8.quantization.scale = list(t4.quantization.scale)
+    return pack_model(model, len(blob))
+
+
+def test_int4_tables_are_fc_only_half_size_and_run_exactly_as_their_values(exported) -> None:
+    from compression.int4 import Int4Error, int4_fc_tables
+
+    _, dataset, raw, histories = exported
+    blob, _ = compact_tflite(raw)
+    small, notes = int4_fc_tables(blob, min_elements=1024)
+    rows = dataset.num_items + 1
+    # only the FPMC "next" table: the tied item table and the "last" factors are read by a GATHER
+    assert notes["tables"] == [[rows, ARCH.fpmc_dim]]
+    assert len(blob) - len(small) >= rows * ARCH.fpmc_dim // 2 - 64
+    parsed = _parse(small)
+    int4 = [t for t in parsed.subgraphs[0].tensors if t.type == schema.TensorType.INT4]
+    assert len(int4) == 1 and len(parsed.buffers[int4[0].buffer].data) == rows * ARCH.fpmc_dim // 2
+    a, b = _run_all(small, histories), _run_all(_int8_grid_copy(blob, small), histories)
+    for key in a:
+        for left, right in zip(a[key], b[key], strict=True):
+            for name in left:
+                np.testing.assert_array_equal(left[name], right[name])
+    with pytest.raises(Int4Error, match="no int8 FULLY_CONNECTED-only weight"):
+        int4_fc_tables(blob)  # the test model's tables are all below the default size
