@@ -280,7 +280,11 @@ class TransitionHeads(keras.layers.Layer):
         bias = tf.gather(self.item_bias, items)
         scores = tf.broadcast_to(bias[None, :], (tf.shape(history)[0], self.rows))
         if self.fpmc_dim:
-            last = tf.gather(self.last_factors, history[:, -1])
+            # indicator x table rather than a GATHER: the .tflite then reads the "last" factors only
+            # through a FULLY_CONNECTED, which runs int4 weights (export mode dynamic-int4). Built
+            # from the run-time range, not tf.one_hot, which the converter turns back into a lookup.
+            newest = tf.cast(tf.equal(items[None, :], history[:, -1:]), self.last_factors.dtype)
+            last = tf.matmul(newest, self.last_factors)
             scores = scores + tf.matmul(last, self.next_factors, transpose_b=True)
         if self.offset_window and self.offset_positions:
             # offsets -w-1 and w+1 collect everything farther away than w in either direction

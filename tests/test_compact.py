@@ -154,12 +154,14 @@ def test_int4_tables_are_fc_only_half_size_and_run_exactly_as_their_values(expor
     blob, _ = compact_tflite(raw)
     small, notes = int4_fc_tables(blob, min_elements=1024)
     rows = dataset.num_items + 1
-    # only the FPMC "next" table: the tied item table and the "last" factors are read by a GATHER
-    assert notes["tables"] == [[rows, ARCH.fpmc_dim]]
-    assert len(blob) - len(small) >= rows * ARCH.fpmc_dim // 2 - 64
+    # both FPMC tables ("last" read through an indicator x table FC); not the tied item table,
+    # which a GATHER reads for the history
+    assert notes["tables"] == [[ARCH.fpmc_dim, rows], [rows, ARCH.fpmc_dim]]
+    assert len(blob) - len(small) >= rows * ARCH.fpmc_dim - 64
     parsed = _parse(small)
     int4 = [t for t in parsed.subgraphs[0].tensors if t.type == schema.TensorType.INT4]
-    assert len(int4) == 1 and len(parsed.buffers[int4[0].buffer].data) == rows * ARCH.fpmc_dim // 2
+    assert len(int4) == 2
+    assert all(len(parsed.buffers[t.buffer].data) == rows * ARCH.fpmc_dim // 2 for t in int4)
     a, b = _run_all(small, histories), _run_all(_int8_grid_copy(blob, small), histories)
     for key in a:
         for left, right in zip(a[key], b[key], strict=True):
