@@ -4,12 +4,13 @@ Why: at V = 3,659 items every [V+1, r] table costs 3.6 KB per rank step in int8.
 hybrid FULLY_CONNECTED (float input, quantized weights) also runs INT4 weights, two per byte,
 and returns exactly what the same values stored as int8 give (measured with ai-edge-litert
 2.3.0: an int4-packed FPMC table scores bit-identically to its int4 values on the int8
-grid). GATHER of INT4 params did not (0.4-0.6 off), so tables a GATHER reads (the tied item
-table, the FPMC "last" factors) stay int8, as does everything below ``min_elements``.
+grid; tflite-runtime 2.14 loads it and gives the same scores within 1e-6). GATHER of INT4
+params did not (0.4-0.6 off), so a table a GATHER reads (the tied item table) stays int8, as
+does everything below ``min_elements``; the FPMC "last" factors are read by a
+FULLY_CONNECTED for that reason (``compression.seqmodel.TransitionHeads``).
 
-This is lossy (16 levels per tensor instead of 255): it is an export mode (``dynamic-int4``),
+This is lossy (15 levels per tensor instead of 255): it is an export mode (``dynamic-int4``),
 applied to a ``dynamic-tensor`` model, and every figure is measured on its output.
-tflite-runtime 2.14 does not know the INT4 type; the runtime check records that.
 """
 
 from __future__ import annotations
