@@ -26,6 +26,7 @@ _LOGGER = logging.getLogger(__name__)
 
 LEVELS = 7  # symmetric int4: -7..7, like the converter's symmetric int8 weights use -127..127
 MIN_ELEMENTS = 16384  # the per-item tables; attention kernels (64 x 64) stay int8
+MSE_CLIP = True  # step chosen for least squared error (``int4_step``), not max |w| / 7
 
 
 class Int4Error(Exception):
@@ -45,7 +46,20 @@ def pack_nibbles(values: np.ndarray) -> bytes:
     return (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8).tobytes()
 
 
-def int4_fc_tables(blob: bytes, min_elements: int = MIN_ELEMENTS) -> tuple[bytes, dict]:
+def int4_step(q8: np.ndarray) -> float:
+    """The int4 step (in int8 units) with the least squared error over ``q8``: clipping a few
+    outliers buys finer steps for every other weight."""
+    peak = max(float(np.abs(q8).max()), 1.0)
+    best, best_err = peak / LEVELS, np.inf
+    for fraction in np.linspace(0.4, 1.0, 25):
+        step = fraction * peak / LEVELS
+        err = float(np.square(np.clip(np.round(q8 / step), -LEVELS, LEVELS) * step - q8).sum())
+        if err < best_err:
+            best, best_err = step, err
+    return best
+
+
+def int4_fc_tables(blob: bytes, min_elements: int = MIN_ELEMENTS, mse_clip: bool = MSE_CLIP) -> tuple[bytes, dict]:
     """Repack every per-tensor int8 weight read only as a FULLY_CONNECTED filter to int4.
 
     Returns the new model and notes (``tables``: shapes converted, ``bytes_before/after``).
@@ -60,6 +74,7 @@ def int4_fc_tables(blob: bytes, min_elements: int = MIN_ELEMENTS) -> tuple[bytes
                     readers.setdefault(buffer, set()).add((_builtin(model, op), position))
     fc_filter = {(schema.BuiltinOperator.FULLY_CONNECTED, 1)}
     converted: dict[int, list[int]] = {}
+    scales: dict[int, float] = {}
     for subgraph in model.subgraphs:
         for tensor in subgraph.tensors:
             data = model.buffers[tensor.buffer].data
@@ -72,11 +87,13 @@ def int4_fc_tables(blob: bytes, min_elements: int = MIN_ELEMENTS) -> tuple[bytes
                 continue
             if tensor.buffer not in converted:
                 q8 = np.frombuffer(bytes(data), dtype=np.int8).astype(np.float64)
-                q4 = np.clip(np.round(q8 * LEVELS / 127.0), -LEVELS, LEVELS).astype(np.int8)
+                step = int4_step(q8) if mse_clip else 127.0 / LEVELS  # in int8 units
+                q4 = np.clip(np.round(q8 / step), -LEVELS, LEVELS).astype(np.int8)
                 model.buffers[tensor.buffer].data = np.frombuffer(pack_nibbles(q4), dtype=np.uint8)
                 converted[tensor.buffer] = [int(d) for d in tensor.shape]
+                scales[tensor.buffer] = float(quant.scale[0]) * step
             tensor.type = schema.TensorType.INT4
-            tensor.quantization.scale = [float(quant.scale[0]) * 127.0 / LEVELS]
+            tensor.quantization.scale = [scales[tensor.buffer]]
     if not converted:
         raise Int4Error(f"no int8 FULLY_CONNECTED-only weight of >= {min_elements} elements to repack")
     out = pack_model(model, len(blob))
