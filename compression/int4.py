@@ -4,7 +4,7 @@ Why: at V = 3,659 items every [V+1, r] table costs 3.6 KB per rank step in int8.
 hybrid FULLY_CONNECTED (float input, quantized weights) also runs INT4 weights, two per byte,
 and returns exactly what the same values stored as int8 give (measured with ai-edge-litert
 2.3.0: an int4-packed FPMC table scores bit-identically to its int4 values on the int8
-grid; tflite-runtime 2.14 loads it and gives the same scores within 1e-6). GATHER of INT4
+grid; tflite-runtime 2.14 loads and runs it too). GATHER of INT4
 params did not (0.4-0.6 off), so a table a GATHER reads (the tied item table) stays int8, as
 does everything below ``min_elements``; the FPMC "last" factors are read by a
 FULLY_CONNECTED for that reason (``compression.seqmodel.TransitionHeads``).
