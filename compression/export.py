@@ -33,8 +33,10 @@ from compression.tflite_eval import (
 _LOGGER = logging.getLogger(__name__)
 
 # "dynamic" = int8 weights with per-channel scales, float activations (TF's default; FULLY_CONNECTED
-# v12, which tflite-runtime 2.14 rejects); "dynamic-tensor" = the same with one scale per tensor.
-QUANTIZATIONS = ("none", "dynamic", "dynamic-tensor", "int8", "float16")
+# v12, which tflite-runtime 2.14 rejects); "dynamic-tensor" = the same with one scale per tensor;
+# "dynamic-int4" = dynamic-tensor with the per-item tables only FULLY_CONNECTED reads in int4
+# (compression/int4.py; ai-edge-litert 2.3 and tflite-runtime 2.14 both run it).
+QUANTIZATIONS = ("none", "dynamic", "dynamic-tensor", "dynamic-int4", "int8", "float16")
 FORMAT = 1
 GOLDEN_N = 64
 POPULAR_N = 100
@@ -77,8 +79,12 @@ def _representative(dataset: Dataset, window: int, n: int, seed: int = 0) -> Ite
 
 
 def convert(model: keras.Model, dataset: Dataset, *, k: int = 20, quantization: str = "none",
-            representative_n: int = 256) -> bytes:
-    """Convert a Keras recommender to a two-signature .tflite with the given post-training quantization."""
+            representative_n: int = 256, compact: bool = True) -> bytes:
+    """Convert a Keras recommender to a two-signature .tflite with the given post-training quantization.
+
+    ``compact`` False returns the converter's own output (for comparisons), else the lossless
+    ``compact_tflite`` form.
+    """
     if quantization not in QUANTIZATIONS:
         raise ExportError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
     window = int(model.inputs[0].shape[1])
@@ -97,7 +103,7 @@ def convert(model: keras.Model, dataset: Dataset, *, k: int = 20, quantization: 
         converter = tf.lite.TFLiteConverter.from_saved_model(tmp, signature_keys=[RECOMMEND, SCORE])
         if quantization != "none":
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        if quantization in ("dynamic-tensor", "int8"):
+        if quantization in ("dynamic-tensor", "dynamic-int4", "int8"):
             # One scale per weight tensor: per-channel scales and zero points cost 12 bytes per
             # output channel, i.e. per item for every [V, d] score table, and each signature
             # stores its own copy (measured: 196 KB of a 530 KB dynamic-range SASRec at V=3659).
@@ -110,7 +116,13 @@ def convert(model: keras.Model, dataset: Dataset, *, k: int = 20, quantization: 
             # inference_input/output_type stay at their float32 default, which leaves the int32
             # ids input alone and dequantizes the scores: the agent's interface does not change.
         blob = converter.convert()
-    blob, _ = compact_tflite(blob)  # lossless: shared duplicate constants, no tensor names
+    if not compact:
+        return blob
+    blob, _ = compact_tflite(blob)  # lossless: shared constants, no tensor names, one subgraph
+    if quantization == "dynamic-int4":
+        from compression.int4 import int4_fc_tables
+
+        blob, _ = int4_fc_tables(blob)
     _LOGGER.info("converted %s model: %d bytes (%s)", quantization, len(blob), model.name)
     return blob
 

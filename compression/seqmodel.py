@@ -264,18 +264,34 @@ class TransitionHeads(keras.layers.Layer):
             self.repeats = self.add_weight(name="repeats", shape=(self.window,), initializer="zeros")
         super().build(input_shape)
 
+    def catalogue(self, history: tf.Tensor) -> tf.Tensor:
+        """Every item index, int32 [rows], made by a RANGE op at run time.
+
+        Its start is 0 for any valid history (ids >= 0) but depends on the input, so the converter cannot fold
+        the range into a [rows] int32 constant (4 bytes per item in the .tflite).
+        """
+        start = tf.minimum(tf.reduce_min(history), 0)
+        return tf.range(start, start + self.rows, dtype=history.dtype)
+
     def call(self, history: tf.Tensor) -> tf.Tensor:
-        scores = tf.broadcast_to(self.item_bias[None, :], (tf.shape(history)[0], self.rows))
+        items = self.catalogue(history)
+        # A GATHER over the run-time range, not the bias itself: the converter stores GATHER params
+        # in int8 under dynamic-range quantization, an FC/ADD bias stays float32 (4 bytes per item).
+        bias = tf.gather(self.item_bias, items)
+        scores = tf.broadcast_to(bias[None, :], (tf.shape(history)[0], self.rows))
         if self.fpmc_dim:
-            last = tf.gather(self.last_factors, history[:, -1])
+            # indicator x table rather than a GATHER: the .tflite then reads the "last" factors only
+            # through a FULLY_CONNECTED, which runs int4 weights (export mode dynamic-int4). Built
+            # from the run-time range, not tf.one_hot, which the converter turns back into a lookup.
+            newest = tf.cast(tf.equal(items[None, :], history[:, -1:]), self.last_factors.dtype)
+            last = tf.matmul(newest, self.last_factors)
             scores = scores + tf.matmul(last, self.next_factors, transpose_b=True)
         if self.offset_window and self.offset_positions:
             # offsets -w-1 and w+1 collect everything farther away than w in either direction
-            items = tf.range(self.rows, dtype=history.dtype)[None, :]
             w = self.offset_window
             for k in range(min(self.offset_positions, self.window)):
                 at = history[:, self.window - 1 - k:self.window - k]
-                index = tf.clip_by_value(items - at, -w - 1, w + 1) + (w + 1)
+                index = tf.clip_by_value(items[None, :] - at, -w - 1, w + 1) + (w + 1)
                 scores = scores + tf.gather(self.offsets[k], index) * tf.cast(at > 0, scores.dtype)
         if self.repeat:
             seen = tf.one_hot(history, self.rows, dtype=scores.dtype)  # padding column is sliced off later

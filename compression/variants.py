@@ -82,9 +82,11 @@ def default_variants(profile: str = "full") -> list[Variant]:
     markov = SoftDistillation(student=StudentShape(8, 128, fpmc_dim=8, warm_start=True, kind="fpmc"),
                               epochs=student_epochs)
     # measured on full data (docs/compression.md): table r32 + FPMC 16 keeps 0.997 x the reference
-    # at 369 KB; table r24 + FPMC 8 fits under the top-20 neighbour table (281 KB) at 0.964 x
+    # (326 KB dynamic-tensor); table r24 + FPMC 8 at 0.964-0.972 x; table r36 + FPMC 16 with int4
+    # FPMC tables: 283 KB, under the top-20 neighbour table (293 KB), at 0.997 x
     mid_rank = TruncatedSVD(rules={"item_embedding": {"rank": 32}, "transitions": {"rank": 16}}, epochs=1.0)
     low_rank = TruncatedSVD(rules={"item_embedding": {"rank": 24}, "transitions": {"rank": 8}}, epochs=1.0)
+    int4_rank = TruncatedSVD(rules={"item_embedding": {"rank": 36}, "transitions": {"rank": 16}}, epochs=1.0)
     alone = {
         "prune-magnitude": MagnitudePruning(target=0.8, method="tfmot", epochs=tune),
         "prune-magnitude-oneshot": MagnitudePruning(target=0.5, method="oneshot"),
@@ -108,6 +110,7 @@ def default_variants(profile: str = "full") -> list[Variant]:
         Variant("svd+dynamic", (alone["svd"], dynamic)),
         Variant("svd-r32-f16+dynamic", (mid_rank, dynamic)),
         Variant("svd-r24-f8+dynamic", (low_rank, dynamic)),
+        Variant("svd-r36-f16+int4", (int4_rank, PostTrainingQuantization("dynamic-int4"))),
         Variant("cp+dynamic", (alone["cp"], dynamic)),
         Variant("distill-soft+dynamic", (student, dynamic)),
         Variant("distill-soft+float16", (student, fp16)),

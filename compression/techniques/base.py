@@ -3,7 +3,8 @@
 A technique takes a trained tf_keras recommender plus the dataset it was trained on and
 returns a NEW model (the input is never mutated) with notes describing what it did. The
 export step needs one more fact a technique may decide: the TFLite quantization mode
-("none" | "dynamic" | "dynamic-tensor" | "int8" | "float16"), carried in ``StepResult.quantization``.
+("none" | "dynamic" | "dynamic-tensor" | "dynamic-int4" | "int8" | "float16"), carried in
+``StepResult.quantization``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ TECHNIQUE_NAMES = (
     "quant-linear", "ptq-dynamic", "ptq-int8", "ptq-float16", "qat", "cluster", "quant-log",
     "distill-soft", "distill-feature", "svd", "cp",
 )
-QUANTIZATION_MODES = ("none", "dynamic", "dynamic-tensor", "int8", "float16")
+QUANTIZATION_MODES = ("none", "dynamic", "dynamic-tensor", "dynamic-int4", "int8", "float16")
 
 
 class TechniqueError(Exception):
