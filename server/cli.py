@@ -225,7 +225,18 @@ def build_parser() -> argparse.ArgumentParser:
     _deploy_options(p)
     _mqtt_options(p)
 
-    command("rollouts", "list rollouts with their stage and per-device outcomes")
+    p = command("rollouts", "list rollouts with their stage and per-device outcomes (`rollouts abort ID` stops one)")
+    rsub = p.add_subparsers(dest="rollouts_action", metavar="ACTION", help="abort ID: stop a running rollout")
+    q = rsub.add_parser("abort", help="stop a running rollout and roll its current stage back",
+                        description="Stop a running rollout: no later stage starts, devices of the current stage "
+                                    "not started yet are skipped, its deployments in progress are cancelled and "
+                                    "its promoted devices told to roll back. The running `serve` sends the signed "
+                                    "cancel and rollback commands on its next tick.",
+                        formatter_class=HelpFormatter, epilog=EXIT_CODES)
+    _global_options(q)
+    q.add_argument("rollout_id", metavar="ID", help="rollout id (see `rollouts`)")
+    q.add_argument("--reason", default="aborted by an operator from the command line",
+                   help="why: kept in the rollout's reason and the event log")
 
     p = command("devices", "list devices the server has heard from (`devices remove ID` forgets one)")
     dsub = p.add_subparsers(dest="devices_action", metavar="ACTION", help="remove ID: forget a device")

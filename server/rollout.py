@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import random
 import secrets
+from collections.abc import Callable
 from typing import Any
 
 from server.deployer import Deployer, DeployError
@@ -67,24 +68,9 @@ class RolloutManager:
         return self.registry.rollouts()
 
     def abort(self, rollout_id: str, reason: str) -> RolloutRecord:
-        """Stop a running rollout now (an operator's call): no later stage starts, the current stage's
-        devices not started yet are skipped, its deployments in progress are cancelled, and the next
-        ticks tell its promoted devices to roll back, as when the stage fails past the threshold."""
-        rollout = self.get(rollout_id)
-        if rollout.status != RUNNING:
-            raise RolloutError(f"rollout {rollout_id} is {rollout.status}, not running: nothing to abort")
-        self._set_status(rollout, ROLLING_BACK, rollout.stage, f"aborted: {reason}", from_status=RUNNING)
-        self.registry.skip_unstarted_rollout_devices(rollout_id, rollout.stage, SKIPPED,
-                                                     "not started: the rollout was aborted")
-        for member in self.get(rollout_id).devices.values():
-            dep_id = member["deployment_id"]
-            if member["stage"] != rollout.stage or member["outcome"] is not None or dep_id in (None, CLAIM):
-                continue
-            try:
-                self.deployer.cancel(dep_id, notify=True)
-            except (DeployError, RegistryError) as exc:  # it ended meanwhile: its outcome is collected as usual
-                _LOGGER.info("rollout %s abort: %s", rollout_id, exc)
-        return self.get(rollout_id)
+        """Stop a running rollout now (an operator's call): see `abort_rollout`; its devices hear now."""
+        return abort_rollout(self.registry, rollout_id, reason,
+                             cancel=lambda dep_id: self.deployer.cancel(dep_id, notify=True))
 
     # ---- progress --------------------------------------------------------------------------
     def tick(self) -> None:
@@ -187,6 +173,33 @@ class RolloutManager:
             return
         if self.registry.transition_rollout(rollout, status, stage, reason):
             _LOGGER.info("rollout %s: %s (stage %d) %s", rollout.rollout_id, status, stage, reason)
+
+
+def abort_rollout(registry: Registry, rollout_id: str, reason: str,
+                  cancel: Callable[[str], object]) -> RolloutRecord:
+    """Stop a running rollout: no later stage starts, the current stage's devices not started yet
+    are skipped, `cancel(deployment_id)` ends its deployments in progress, and the next ticks of a
+    running server tell its promoted devices to roll back, as when a stage fails past the threshold.
+
+    Needs no broker: the command line cancels with `notify=False` (the running server's tick sends
+    the signed cancel), the server and the dashboard with `notify=True`.
+    """
+    rollout = registry.rollout(rollout_id)
+    if rollout.status != RUNNING:
+        raise RolloutError(f"rollout {rollout_id} is {rollout.status}, not running: nothing to abort")
+    if not registry.transition_rollout(rollout, ROLLING_BACK, rollout.stage, f"aborted: {reason}"):
+        raise RolloutError(f"rollout {rollout_id} changed while aborting it: {registry.rollout(rollout_id).status}")
+    _LOGGER.info("rollout %s: aborted (stage %d): %s", rollout_id, rollout.stage, reason)
+    registry.skip_unstarted_rollout_devices(rollout_id, rollout.stage, SKIPPED, "not started: the rollout was aborted")
+    for member in registry.rollout(rollout_id).devices.values():
+        dep_id = member["deployment_id"]
+        if member["stage"] != rollout.stage or member["outcome"] is not None or dep_id in (None, CLAIM):
+            continue
+        try:
+            cancel(dep_id)
+        except (DeployError, RegistryError) as exc:  # it ended meanwhile: its outcome is collected as usual
+            _LOGGER.info("rollout %s abort: %s", rollout_id, exc)
+    return registry.rollout(rollout_id)
 
 
 def create_rollout(registry: Registry, model_id: str, plan: RolloutPlan, *, version: int | None = None,

@@ -61,6 +61,38 @@ def test_gate_checks_print_in_human_units() -> None:
                        "unit": "ms"}).endswith("p90_ms: 61.23 ms <= 50 ms")
 
 
+def test_rollouts_abort_stops_a_running_rollout_without_a_broker(tmp_path: Path, tiny_artifact: Path) -> None:
+    """The command line records the abort; a running server's tick sends the signed cancel."""
+    from server.deployer import CANCEL_PENDING
+    from server.registry import Registry
+
+    cli = Cli(tmp_path / "data")
+    cli.json("register", str(tiny_artifact), "--model-id", "tiny")
+    registry = Registry(cli.data_dir)
+    try:
+        for device in ("ab-1", "ab-2", "ab-3"):
+            registry.upsert_device(device, status="online", from_state=True)
+        rollout = cli.json("rollout", "tiny@1", "--devices", "ab-1,ab-2,ab-3", "--waves", "1")
+        rollout_id = rollout["rollout_id"]
+        # As a server's tick would have done: ab-1's deployment is under way.
+        assert registry.claim_rollout_device(rollout_id, "ab-1")
+        dep = registry.create_deployment(registry.artifact("tiny", 1), "ab-1", chunk_size=65536, policy=None,
+                                         deadline_s=600, status="transferring")
+        registry.attach_rollout_deployment(rollout_id, "ab-1", dep.deployment_id)
+        aborted = cli.json("rollouts", "abort", rollout_id, "--reason", "wrong model")
+        assert aborted["status"] == "rolling_back" and aborted["reason"] == "aborted: wrong model"
+        assert {d: m["outcome"] for d, m in aborted["devices"].items()} == {"ab-1": None, "ab-2": "skipped",
+                                                                          "ab-3": "skipped"}
+        cancelled = registry.deployment(dep.deployment_id)
+        assert (cancelled.status, cancelled.reason) == ("cancelled", CANCEL_PENDING)  # the server's tick tells ab-1
+        again = cli.text("rollouts", "abort", rollout_id, code=2).stderr
+        assert f"rollout {rollout_id} is rolling_back, not running: nothing to abort" in again
+        assert "no rollout 'r-000000000000'" in cli.text("rollouts", "abort", "r-000000000000", code=2).stderr
+        assert "abort ID" in cli.text("rollouts", "--help").stdout
+    finally:
+        registry.close()
+
+
 def test_listings_versions_and_mistakes_without_a_broker(tmp_path: Path, tiny_artifact: Path) -> None:
     cli = Cli(tmp_path / "data")
     assert cli("--version").stdout.startswith("edgeguide-server ")

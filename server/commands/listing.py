@@ -1,4 +1,5 @@
-"""Commands that read the registry: rollouts, devices (and removing one), deployments, models, logs."""
+"""Commands that read the registry: rollouts (and aborting one), devices (and removing one), deployments,
+models, logs."""
 
 from __future__ import annotations
 
@@ -11,12 +12,16 @@ from typing import Any
 
 from server import cli_output as out
 from server.commands.common import EXIT_OK, open_registry
+from server.registry import Registry
 
 _LOGGER = logging.getLogger(__name__)
 
 
 def cmd_rollouts(args: argparse.Namespace, data_dir: Path) -> int:
-    rollouts = open_registry(args, data_dir).rollouts()
+    registry = open_registry(args, data_dir)
+    if getattr(args, "rollouts_action", None) == "abort":
+        return _abort_rollout(args, registry)
+    rollouts = registry.rollouts()
     if args.json:
         out.print_json([out.rollout_dict(r) for r in rollouts])
         return EXIT_OK
@@ -29,6 +34,21 @@ def cmd_rollouts(args: argparse.Namespace, data_dir: Path) -> int:
                      f"{r.stage + 1}/{len(r.plan.stages)} {r.plan.stages[r.stage].name}", outcomes,
                      r.reason[:80] if tty else r.reason])
     out.print_table(["rollout", "model", "status", "stage", "devices (outcome)", "reason"], rows)
+    return EXIT_OK
+
+
+def _abort_rollout(args: argparse.Namespace, registry: Registry) -> int:
+    from server.deployer import cancel_deployment
+    from server.rollout import abort_rollout
+
+    # No broker here: cancels are recorded as pending and the running server's tick sends them.
+    rollout = abort_rollout(registry, args.rollout_id, args.reason,
+                            cancel=lambda dep_id: cancel_deployment(registry, dep_id, notify=False))
+    if args.json:
+        out.print_json(out.rollout_dict(rollout))
+    else:
+        print(out.safe(f"{rollout.rollout_id}: {rollout.status} - {rollout.reason} (the running server cancels "
+                       "its deployments in progress and rolls back its promoted devices on its next tick)"))
     return EXIT_OK
 
 
