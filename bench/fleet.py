@@ -1,6 +1,7 @@
 """Fleet-scale benchmark: N simulated devices, bridged edge brokers, PostgreSQL, server processes.
 
     python bench/fleet.py --json OUT [--agents 10000] [--procs 4] [--edges 2] [--servers 2] [--faults]
+                              [--heartbeat-s 30]
 
 Each simulated device is its own MQTT 5 session (`agent-<id>`, persistent, with a Last Will) on
 one of `--edges` mosquitto brokers bridged (mosquitto's bridge) to a core mosquitto; `--servers`
@@ -132,7 +133,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         fleet: fleetrun.Fleet | None = None
 
         with PeakSampler(pids) as sampler:
-            fleet = fleetrun.Fleet(stack, args.agents, args.procs)
+            fleet = fleetrun.Fleet(stack, args.agents, args.procs, heartbeat_s=args.heartbeat_s)
             t_connect = time.time()
             connected = fleet.start(timeout=900)
             connect_s = time.time() - t_connect
@@ -183,6 +184,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for k in brokers_after}
     return {
         "agents": connected, "agents_requested": args.agents, "simulator_processes": args.procs,
+        "heartbeat_s": args.heartbeat_s,
         "brokers": {"edges": args.edges, "core": 1, "kind": "mosquitto 2.0 (edges bridged to the core, QoS 1, "
                                                             "persistent bridge sessions)"},
         "database": "postgresql 15 (local cluster)", "server_processes": args.servers,
@@ -257,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--canary-pct", type=int, default=1, help="share of devices in the canary stage")
     parser.add_argument("--waves", type=int, default=3, help="waves after the canary")
     parser.add_argument("--faults", action="store_true", help="drop a bridge, kill a server, restart the database")
+    parser.add_argument("--heartbeat-s", type=float, default=0.0,
+                        help="each device sends a heartbeat this often, as agents do (agent default 30; 0: none)")
     parser.add_argument("--drain-timeout", type=float, default=900.0, help="seconds to wait for every report")
     parser.add_argument("--rollout-timeout", type=float, default=3600.0, help="seconds the rollout may take")
     args = parser.parse_args(argv)

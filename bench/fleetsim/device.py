@@ -22,7 +22,7 @@ from agent.link import REPORT_RESEND_MAX_FACTOR
 from bench.fleetsim.mqtt5 import Client, Will
 from protocol.backoff import Backoff
 from protocol.errors import ProtocolError, SignatureError
-from protocol.messages import DeviceState, Event, Manifest, Report, Verdict
+from protocol.messages import DeviceState, Event, Heartbeat, Manifest, Report, Verdict
 from protocol.topics import Topics
 
 _LOGGER = logging.getLogger(__name__)
@@ -52,6 +52,7 @@ class Counters:
     reports_sent: int = 0
     report_resends: int = 0
     duplicate_manifests: int = 0
+    heartbeats: int = 0
     report_ts: dict[str, float] = field(default_factory=dict)  # deployment id -> first publish time
 
     def to_dict(self) -> dict[str, Any]:
@@ -91,6 +92,11 @@ class SimDevice:
         await self.client.publish(self.topics.up(self.device_id, "state"), self._state(), retain=True)
         for payload in list(self._awaiting.values()):  # as the agent does after a reconnect
             await self.client.publish(self.topics.up(self.device_id, "report"), payload)
+
+    async def send_heartbeat(self, uptime_s: float) -> None:
+        active_version = self.active[1] if self.active else None
+        beat = Heartbeat(device_id=self.device_id, uptime_s=round(uptime_s, 1), active_version=active_version)
+        await self.client.publish(self.topics.up(self.device_id, "heartbeat"), beat.to_json())
 
     async def _event(self, type_: str, deployment_id: str, version: int | None, **kw: Any) -> None:
         event = Event(device_id=self.device_id, type=type_, deployment_id=deployment_id, version=version, **kw)

@@ -25,7 +25,7 @@ _LOGGER = logging.getLogger(__name__)
 class Fleet:
     """`agents` simulated devices in `procs` processes, spread over the stack's edge brokers."""
 
-    def __init__(self, stack: Stack, agents: int, procs: int, id_prefix: str = "sim") -> None:
+    def __init__(self, stack: Stack, agents: int, procs: int, id_prefix: str = "sim", heartbeat_s: float = 0.0) -> None:
         self.stack = stack
         self.device_ids = [f"{id_prefix}-{i:05d}" for i in range(agents)]
         edges = stack.edge_endpoints()
@@ -39,7 +39,7 @@ class Fleet:
             mine = [(d, *edges[i % len(edges)]) for i, d in enumerate(self.device_ids) if i % procs == p]
             self.assignment[p] = [d for d, _h, _p in mine]
             self.procs.append(ctx.Process(target=simproc.main, args=(mine, stack.prefix, key_pem, self.commands[p],
-                                                                     self.answers[p]), daemon=True))
+                                                                     self.answers[p], heartbeat_s), daemon=True))
         self.stats: list[dict[str, Any]] = []
 
     def start(self, timeout: float = 600) -> int:

@@ -25,16 +25,17 @@ _LOGGER = logging.getLogger(__name__)
 CONNECT_CONCURRENCY = 100  # handshakes in progress at once (a broker's listen backlog is finite)
 
 
-def main(devices: list[tuple[str, str, int]], prefix: str, server_key_pem: bytes, commands: Any, answers: Any) -> None:
+def main(devices: list[tuple[str, str, int]], prefix: str, server_key_pem: bytes, commands: Any, answers: Any,
+         heartbeat_s: float = 0.0) -> None:
     """Process entry point (spawned): raise the descriptor limit, then run the loop."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s sim %(message)s")
-    asyncio.run(_run(devices, prefix, server_key_pem, commands, answers))
+    asyncio.run(_run(devices, prefix, server_key_pem, commands, answers, heartbeat_s))
 
 
 async def _run(devices: list[tuple[str, str, int]], prefix: str, server_key_pem: bytes, commands: Any,
-               answers: Any) -> None:
+               answers: Any, heartbeat_s: float = 0.0) -> None:
     key = load_pem_public_key(server_key_pem)
     topics = Topics(prefix)
     counters = Counters()
@@ -53,6 +54,7 @@ async def _run(devices: list[tuple[str, str, int]], prefix: str, server_key_pem:
     connected = sum(await asyncio.gather(*(start(s) for s in sims)))
     answers.put(("ready", connected))
     pinger = asyncio.create_task(_keepalive(sims))
+    beats = asyncio.create_task(_heartbeats(sims, heartbeat_s, counters)) if heartbeat_s > 0 else None
     loop = asyncio.get_running_loop()
     by_id = {s.device_id: s for s in sims}
     while True:
@@ -66,6 +68,8 @@ async def _run(devices: list[tuple[str, str, int]], prefix: str, server_key_pem:
             answers.put(("stats", _stats(counters, sims)))
         elif kind == "stop":
             pinger.cancel()
+            if beats is not None:
+                beats.cancel()
             await asyncio.gather(*(s.stop() for s in sims), return_exceptions=True)
             answers.put(("stopped", _stats(counters, sims)))
             return
@@ -91,3 +95,17 @@ async def _keepalive(sims: list[SimDevice]) -> None:
         now = loop.time()
         for s in sims:
             s.client.ping_if_idle(now)
+
+
+async def _heartbeats(sims: list[SimDevice], every_s: float, counters: Counters) -> None:
+    """Each device's heartbeat once per `every_s`, as the agent sends them (QoS 1), spread evenly over
+    the period (an agent's phase is its start time; a fleet's starts are spread)."""
+    step_s = 0.1
+    per_step = max(1, round(len(sims) * step_s / every_s))
+    started = time.monotonic()
+    while True:
+        for first in range(0, len(sims), per_step):
+            await asyncio.gather(*(s.send_heartbeat(time.monotonic() - started) for s in sims[first:first + per_step]),
+                                 return_exceptions=True)
+            counters.heartbeats += len(sims[first:first + per_step])
+            await asyncio.sleep(step_s)
