@@ -147,6 +147,12 @@ class DatabaseUnavailable(RuntimeError):  # noqa: N818 - reads as a state, like 
     """
 
 
+class DatabaseConflict(DatabaseUnavailable):  # noqa: N818 - a kind of the state above
+    """The database aborted the transaction to resolve a conflict with another one (a deadlock, a
+    serialization failure, a lock it could not take); nothing of it was written, and retrying the
+    whole unit of work is the fix, as after a lost connection."""
+
+
 class PostgresDatabase(_LockedConnection):
     """PostgreSQL through psycopg 3 in autocommit mode; `transaction()` groups statements (nested = savepoint)."""
 
@@ -197,7 +203,12 @@ class PostgresDatabase(_LockedConnection):
 
     def _lost(self, exc: Exception) -> Exception:
         if not (self._conn.closed or self._conn.broken):
-            return exc  # a statement error reported as operational (e.g. a lock timeout): not ours to hide
+            # SQLSTATE class 40 (transaction rollback: deadlock, serialization) and 55P03 (lock not available).
+            state = getattr(exc, "sqlstate", None) or ""
+            if state.startswith("40") or state == "55P03":
+                return DatabaseConflict(f"PostgreSQL registry {_redact(self.url)}: transaction aborted by a "
+                                        f"conflict, to be retried: {str(exc).strip()}")
+            return exc  # another statement error reported as operational: not ours to hide
         _LOGGER.warning("PostgreSQL registry %s: connection lost (%s); re-opening on the next call",
                         _redact(self.url), str(exc).strip().splitlines()[0] if str(exc).strip() else exc)
         return DatabaseUnavailable(f"PostgreSQL registry {_redact(self.url)} unavailable: {str(exc).strip()}")

@@ -31,7 +31,7 @@ from server.device_messages import DEVICE_ERRORS, PINNED_KEY_MISMATCH, DeviceMes
 from server.policy import Policy
 from server.registry import ArtifactRecord, DeploymentRecord, DeviceRecord, Registry
 from server.registry.records import allowed_sources
-from server.reports import ReportQueue, write_deployment_report
+from server.reports import ReportQueue, write_record_report
 from server.transfer import (
     DeployerConfig,
     DeployError,
@@ -329,6 +329,8 @@ def cancel_deployment(registry: Registry, deployment_id: str, *, notify: bool,
     if record.report is not None:
         if reports is not None:
             reports.submit(record)
-        else:
-            write_deployment_report(registry, deployment_id)
+        else:  # a command line: no 45 ms PNG per deployment in the foreground (the dashboard draws it)
+            write_record_report(registry.reports_dir, record, plot=False,
+                                plot_note="(latency.png not drawn by the command line; the dashboard draws it when "
+                                          "opened)")
     return record

@@ -11,11 +11,13 @@ What stays true per message:
   model chunks at once: they follow a manifest already committed). A group also ends early once
   `max_held_bytes` are held.
 - If one message raises, the whole group is rolled back and its messages handled again one
-  transaction each: the bad one loses only its own writes, the others are stored once. Handling
+  transaction each: the bad one loses only its own writes, the others are stored once (on
+  PostgreSQL; SQLite's groups are single messages whose statements commit one by one). Handling
   is idempotent per message (a repeated report re-sends its verdict), which is what makes the
   second pass safe, as it already made retries after a database outage safe.
-- While the database is unreachable the group is retried with backoff, never dropped: the broker
-  already counts the messages as delivered.
+- While the database is unreachable, or when it aborted the group's transaction to break a
+  conflict with another server process (a deadlock between two groups), the group is retried
+  with backoff, never dropped: the broker already counts the messages as delivered.
 Where a transaction cannot span messages (SQLite: a write transaction locks the whole file for
 every other server process) the group size is 1, as before.
 """
@@ -57,6 +59,7 @@ class Inbox:
         self._queue: collections.deque[tuple[str, bytes]] = collections.deque()
         self._held: list[tuple[str, bytes]] | None = None  # publishes of the group being handled
         self._held_bytes = 0
+        self._group_thread: int | None = None  # the thread handling a group: only its publishes wait
         self.groups = 0
         self.regrouped = 0  # groups rolled back and handled again one message at a time
 
@@ -69,11 +72,17 @@ class Inbox:
         return len(self._queue)
 
     def publish(self, topic: str, payload: bytes) -> None:
-        """Publish now, or after the commit when called while a group is being handled."""
-        if self._held is None:
+        """Publish now, or after the commit when called from the handling of a group.
+
+        Only the thread handling the group waits for its commit: an operator's cancel or rollback
+        (the dashboard's threads, a test) is not part of any group and goes out at once, even
+        while the worker is busy, and can never be dropped with a group that rolls back.
+        """
+        held = self._held
+        if held is None or threading.get_ident() != self._group_thread:
             self._publish_now(topic, payload)
             return
-        self._held.append((topic, payload))
+        held.append((topic, payload))
         self._held_bytes += len(payload)
 
     def drain(self) -> None:
@@ -87,12 +96,12 @@ class Inbox:
     def _handle_group(self, group: list[tuple[str, bytes]]) -> None:
         backoff = Backoff(initial=0.2, maximum=5.0)
         while True:
-            self._held, self._held_bytes = [], 0
+            self._held, self._held_bytes, self._group_thread = [], 0, threading.get_ident()
             try:
                 with self._unit_of_work():
                     done = self._handle_some(group)
-            except DatabaseUnavailable as exc:
-                self._held = None
+            except DatabaseUnavailable as exc:  # also a conflict the database broke (deadlock): retry
+                self._held = self._group_thread = None
                 if self._stopping.is_set():
                     raise
                 delay = backoff.next()
@@ -101,9 +110,9 @@ class Inbox:
                 self._stopping.wait(delay)
                 continue
             except Exception as exc:
-                self._held = None
+                self._held = self._group_thread = None
                 if len(group) == 1:
-                    _LOGGER.exception("handling %r failed; its writes were rolled back", group[0][0])
+                    _LOGGER.exception("handling %r failed", group[0][0])
                     self._on_error(group[0][0], exc)
                     return
                 # Someone in the group failed: every write of the group was rolled back. Handle each
@@ -114,13 +123,13 @@ class Inbox:
                 for one in group:
                     self._handle_group([one])
                 return
-            held, self._held = self._held, None
+            held, self._held, self._group_thread = self._held, None, None
             self.groups += 1
+            if done < len(group):  # ended early: the rest go first next time, in order (before publishing,
+                self._queue.extendleft(reversed(group[done:]))  # so a failing publish cannot lose them)
+                self._schedule(self.drain)
             for topic, payload in held:
                 self._publish_now(topic, payload)
-            if done < len(group):  # ended early: the rest go first next time, in order
-                self._queue.extendleft(reversed(group[done:]))
-                self._schedule(self.drain)
             return
 
     def _handle_some(self, group: list[tuple[str, bytes]]) -> int:

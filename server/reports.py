@@ -10,12 +10,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from protocol.files import atomic_write_text
+from protocol.files import atomic_write_text, temp_name
 from server.gate import format_figure
 from server.registry import DeploymentRecord, Registry
 
@@ -36,44 +38,81 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
-def plot_latency(latency: dict[str, Any], out: Path, title: str) -> Path | None:
-    """Save a latency histogram (or percentile bars) as PNG; None if there is nothing to plot."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def _histogram_parts(latency: dict[str, Any]) -> tuple[list[Any], list[Any]] | None:
     hist = latency.get("histogram") if isinstance(latency.get("histogram"), dict) else None
     edges = (hist or {}).get("edges_ms", (hist or {}).get("edges"))
     counts = (hist or {}).get("counts")
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if isinstance(edges, list) and isinstance(counts, list) and len(edges) == len(counts) + 1 and counts:
+        return edges, counts
+    return None
+
+
+def plottable(latency: Any) -> bool:
+    """Whether `latency_ms` of a report has something to draw (a histogram or percentiles)."""
+    if not isinstance(latency, dict):
+        return False
+    return _histogram_parts(latency) is not None or any(
+        isinstance(latency.get(k), int | float) for k in ("min", "p50", "p90", "p99", "max"))
+
+
+def plot_latency(latency: dict[str, Any], out: Path, title: str) -> Path | None:
+    """Save a latency histogram (or percentile bars) as PNG; None if there is nothing to plot.
+
+    Drawn on a `Figure` of its own (no pyplot state: the report writer and the dashboard's threads
+    may draw at once) and written whole, so a reader never gets half a file.
+    """
+    from matplotlib.figure import Figure
+
+    parts = _histogram_parts(latency)
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
+    if parts is not None:
+        edges, counts = parts
+        widths = [b - a for a, b in zip(edges[:-1], edges[1:], strict=True)]
+        ax.bar(edges[:-1], counts, width=widths, align="edge", color="#4477aa", edgecolor="white")
+        for key, style in (("p50", "--"), ("p90", "-"), ("p99", ":")):
+            if isinstance(latency.get(key), int | float):
+                ax.axvline(latency[key], color="#cc3311", linestyle=style, label=f"{key} {latency[key]:.3g} ms")
+        ax.set_xlabel("latency (ms)")
+        ax.set_ylabel("inferences")
+        overflow = latency["histogram"].get("overflow")
+        ax.set_title(f"{title} ({overflow} above p99 not shown)" if overflow else title, fontsize=9)
+        ax.legend(fontsize=8)
+    else:
+        keys = [k for k in ("min", "p50", "p90", "p99", "max") if isinstance(latency.get(k), int | float)]
+        if not keys:
+            return None
+        ax.bar(keys, [latency[k] for k in keys], color="#4477aa")
+        ax.set_ylabel("latency (ms)")
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    tmp = temp_name(out)
     try:
-        if isinstance(edges, list) and isinstance(counts, list) and len(edges) == len(counts) + 1 and counts:
-            widths = [b - a for a, b in zip(edges[:-1], edges[1:], strict=True)]
-            ax.bar(edges[:-1], counts, width=widths, align="edge", color="#4477aa", edgecolor="white")
-            for key, style in (("p50", "--"), ("p90", "-"), ("p99", ":")):
-                if isinstance(latency.get(key), int | float):
-                    ax.axvline(latency[key], color="#cc3311", linestyle=style, label=f"{key} {latency[key]:.3g} ms")
-            ax.set_xlabel("latency (ms)")
-            ax.set_ylabel("inferences")
-            overflow = hist.get("overflow") if hist else None
-            if overflow:
-                ax.set_title(f"{title} ({overflow} above p99 not shown)", fontsize=9)
-            else:
-                ax.set_title(title, fontsize=9)
-            ax.legend(fontsize=8)
-        else:
-            keys = [k for k in ("min", "p50", "p90", "p99", "max") if isinstance(latency.get(k), int | float)]
-            if not keys:
-                return None
-            ax.bar(keys, [latency[k] for k in keys], color="#4477aa")
-            ax.set_ylabel("latency (ms)")
-            ax.set_title(title, fontsize=9)
-        fig.tight_layout()
-        fig.savefig(out, dpi=100)
+        fig.savefig(tmp, dpi=100, format="png")
+        os.replace(tmp, out)
     finally:
-        plt.close(fig)
+        tmp.unlink(missing_ok=True)
     return out
+
+
+_DRAW_ON_DEMAND = threading.Lock()
+
+
+def draw_missing_plot(registry: Registry, deployment_id: str) -> Path | None:
+    """The latency PNG the report writer skipped (see ReportQueue), drawn now for a viewer.
+
+    One drawing at a time and never twice: a burst of requests for the same or different pages
+    costs at most one PNG each, and a report with nothing to plot is never drawn at all.
+    """
+    path = registry.reports_dir / deployment_id / LATENCY_PNG
+    with _DRAW_ON_DEMAND:
+        if path.is_file():
+            return path
+        dep = registry.deployment(deployment_id)
+        if dep.report is None or not plottable(dep.report.get("latency_ms")):
+            return None
+        write_record_report(registry.reports_dir, dep, plot=True)
+        return path if path.is_file() else None
 
 
 def _markdown(deployment: dict[str, Any], report: dict[str, Any] | None, verdict: dict[str, Any] | None,
@@ -239,11 +278,6 @@ class ReportQueue:
         if plot:
             self.plots_drawn += 1
             self._budget_s = self.plot_budget_s() - (time.monotonic() - started)
-
-
-def write_deployment_report(registry: Registry, deployment_id: str, plot: bool = True, plot_note: str = "") -> None:
-    """Files of the deployment as recorded now (see write_record_report)."""
-    write_record_report(registry.reports_dir, registry.deployment(deployment_id), plot, plot_note)
 
 
 def write_record_report(reports_dir: Path, dep: DeploymentRecord, plot: bool = True, plot_note: str = "") -> None:

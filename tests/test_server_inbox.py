@@ -8,6 +8,7 @@ writes, and a group that grows too many held bytes ends early without reordering
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,6 +37,13 @@ class Harness:
         self.registry.log_event("test:handled", detail=topic)
         if payload == b"bad":
             raise ValueError(f"cannot handle {topic}")
+        if payload.startswith(b"locked:"):  # a row another transaction holds: the database refuses at once
+            self.registry.db.query("SELECT id FROM events WHERE id = ? FOR UPDATE NOWAIT", (int(payload[7:]),))
+        if payload == b"operator":  # another thread (the dashboard) publishes while this group is open
+            thread = threading.Thread(target=self.inbox.publish, args=("operator/cancel", b"now"))
+            thread.start()
+            thread.join()
+            self.published.append(("-- operator thread done --", -1))
         self.inbox.publish(f"answer/{topic}", payload)
 
     def publish_now(self, topic: str, payload: bytes) -> None:
@@ -113,3 +121,40 @@ def test_inbox_refuses_an_empty_group(pg_registry: Registry) -> None:
     with pytest.raises(ValueError, match="max_messages must be >= 1"):
         Inbox(lambda t, p: None, pg_registry.unit_of_work, lambda t, p: None, lambda job: None,
               on_error=lambda label, exc: None, stopping=threading.Event(), max_messages=0)
+
+
+def test_another_threads_publish_during_a_group_goes_out_at_once_and_survives_a_rollback(harness: Harness) -> None:
+    """An operator's cancel from the dashboard is not part of the worker's group: it must not wait for
+    the group's commit, nor vanish when the group rolls back (found by a HIL run: a held command
+    never left while the worker was blocked)."""
+    harness.inbox.put("t0", b"ok")
+    harness.inbox.put("t1", b"operator")
+    harness.inbox.put("t2", b"bad")
+    harness.run_jobs()
+    topics = [t for t, _ in harness.published]
+    # Sent during the first pass, before any commit; the group then failed and was handled again
+    # one message at a time (the operator thread published again on the second pass).
+    assert topics[0] == "operator/cancel" and topics[1] == "-- operator thread done --"
+    assert topics.count("operator/cancel") == 2
+    assert [t for t in topics if t.startswith("answer/")] == ["answer/t0", "answer/t1"]
+    assert harness.stored() == ["t0", "t1"] and [label for label, _ in harness.errors] == ["t2"]
+
+
+def test_a_group_the_database_refuses_for_a_lock_conflict_is_retried_not_dropped(
+        harness: Harness, postgres_url: str) -> None:
+    harness.registry.log_event("test:lock-target", detail="held by another transaction")
+    target = harness.registry.db.query("SELECT MAX(id) AS id FROM events")[0]["id"]
+    locker = psycopg.connect(postgres_url)  # not autocommit: its row lock lasts until commit
+    locker.execute("SELECT id FROM events WHERE id = %s FOR UPDATE", (target,))
+    threading.Timer(0.8, locker.commit).start()
+    try:
+        harness.inbox.put("t0", b"ok")
+        harness.inbox.put("t1", f"locked:{target}".encode())
+        started = time.monotonic()
+        harness.run_jobs()
+        assert time.monotonic() - started >= 0.7  # it waited for the lock instead of giving up
+    finally:
+        locker.close()
+    assert harness.errors == [] and harness.inbox.regrouped == 0
+    assert harness.stored() == ["t0", "t1"]  # each once: the refused attempts left nothing behind
+    assert [t for t, _ in harness.published] == ["answer/t0", "answer/t1"]

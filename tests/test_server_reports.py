@@ -150,3 +150,36 @@ def test_report_queue_refuses_a_share_outside_0_to_1(tmp_path: Path) -> None:
             ReportQueue(registry, plot_cpu_share=0.0)
     finally:
         registry.close()
+
+
+def test_a_skipped_png_is_drawn_once_on_demand_and_never_for_a_report_without_figures(
+        tmp_path: Path, tiny_artifact: Path) -> None:
+    from server.registry import Registry
+    from server.reports import draw_missing_plot, plottable, write_record_report
+    from server.web.views import report_files
+
+    registry = Registry(tmp_path / "reg")
+    try:
+        artifact = registry.register(tiny_artifact)
+        made = {}
+        for name, report in (("figures", _report(with_histogram=True)),
+                             ("none", {"load_ok": False, "error_kind": "load_error", "error": "no kernel",
+                                       "latency_ms": {"n": 0}})):
+            dep = registry.create_deployment(artifact, f"pi-{name}", chunk_size=4096, policy=None, deadline_s=600,
+                                             status="measuring")
+            made[name] = registry.update_deployment(dep.deployment_id, report=report)
+            write_record_report(registry.reports_dir, made[name], plot=False, plot_note="(skipped)")
+        assert plottable(made["figures"].report["latency_ms"]) and not plottable(made["none"].report["latency_ms"])
+        ok, empty = made["figures"].deployment_id, made["none"].deployment_id
+        assert report_files(registry, ok, made["figures"].report) == ["report.md", "report.json", LATENCY_PNG]
+        assert LATENCY_PNG not in report_files(registry, empty, made["none"].report)
+        png = draw_missing_plot(registry, ok)
+        assert png is not None and png.read_bytes().startswith(b"\x89PNG")
+        assert f"![latency]({LATENCY_PNG})" in (registry.reports_dir / ok / REPORT_MD).read_text()
+        stamp = png.stat().st_mtime_ns
+        assert draw_missing_plot(registry, ok) == png and png.stat().st_mtime_ns == stamp  # not drawn twice
+        assert draw_missing_plot(registry, empty) is None
+        assert not (registry.reports_dir / empty / LATENCY_PNG).exists()
+        assert not list((registry.reports_dir / ok).glob(".*.tmp"))  # written whole, no temp file left
+    finally:
+        registry.close()

@@ -27,7 +27,7 @@ from starlette.staticfiles import StaticFiles
 
 from server.gate import format_figure
 from server.registry import Registry, RegistryError
-from server.reports import LATENCY_PNG, REPORT_JSON, write_deployment_report
+from server.reports import LATENCY_PNG, REPORT_JSON, draw_missing_plot
 from server.rollout import RolloutManager
 from server.web import views
 from server.web.actions import ActionError, Actions
@@ -175,7 +175,7 @@ def create_app(registry: Registry, server: Any = None, config: DashboardConfig |
         path = registry.reports_dir / dep_id / name
         if name == LATENCY_PNG and not path.is_file() and path.with_name(REPORT_JSON).is_file():
             # Not drawn while many deployments ended together (see ReportQueue): drawn now, once.
-            await run_in_threadpool(write_deployment_report, registry, dep_id, True)
+            await run_in_threadpool(draw_missing_plot, registry, dep_id)
         if not path.is_file():
             return PlainTextResponse("not found", status_code=404)
         media = {"report.md": "text/plain; charset=utf-8", "report.json": "application/json",

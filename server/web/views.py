@@ -18,6 +18,7 @@ from typing import Any
 
 from server.gate import finite_number
 from server.registry import DeploymentRecord, Registry, RegistryError
+from server.reports import plottable
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -228,12 +229,13 @@ class DeploymentView:
 REPORT_FILES = ("report.md", "report.json", "latency.png")
 
 
-def report_files(registry: Registry, deployment_id: str) -> list[str]:
-    """Which of the deployment's report files exist on disk (names only, never a path from the URL)."""
+def report_files(registry: Registry, deployment_id: str, report: dict[str, Any] | None = None) -> list[str]:
+    """Which of the deployment's report files exist on disk (names only, never a path from the URL),
+    plus a latency.png the report writer skipped but that can be drawn from `report` (the route draws it)."""
     folder = registry.reports_dir / deployment_id
     present = [name for name in REPORT_FILES if (folder / name).is_file()]
-    if "report.json" in present and "latency.png" not in present:
-        present.append("latency.png")  # not drawn while the server was busy: the route draws it on demand
+    if "report.json" in present and "latency.png" not in present and report and plottable(report.get("latency_ms")):
+        present.append("latency.png")
     return present
 
 
@@ -269,7 +271,7 @@ def deployment_view(registry: Registry, deployment_id: str) -> DeploymentView:
     paired = report.get("paired") if isinstance(report.get("paired"), dict) else None
     return DeploymentView(dep, timeline, list((dep.verdict or {}).get("checks") or []),
                           _histogram(report) if report else None, _energy(report) if report else "no report yet",
-                          quality, paired, report_files(registry, deployment_id), _figures(report))
+                          quality, paired, report_files(registry, deployment_id, report), _figures(report))
 
 
 @dataclass(frozen=True)
