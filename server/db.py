@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -94,7 +95,7 @@ class SqliteDatabase(_LockedConnection):
         self._lock = threading.RLock()
         self._depth = 0
         with self._lock:
-            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._set_wal(busy_timeout_s)
             # WAL + NORMAL: commits stay atomic and survive a killed process; only a power cut can
             # lose the last ones (devices re-send their state and reports). FULL fsynced every event
             # row, which waits behind any other process's pending writes on ext4 (~5 ms per commit
@@ -102,6 +103,19 @@ class SqliteDatabase(_LockedConnection):
             self._conn.execute("PRAGMA synchronous=NORMAL")
             self._conn.execute("PRAGMA foreign_keys=ON")
         _LOGGER.debug("opened sqlite registry %s", self.path)
+
+    def _set_wal(self, timeout_s: float) -> None:
+        """Switch to WAL. On a new file opened by several processes at once SQLite answers this pragma
+        "database is locked" at once, without waiting on the busy timeout: so wait here, as long."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self._conn.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def sqlalchemy_url(self) -> str:
         return f"sqlite:///{self.path.resolve()}"
