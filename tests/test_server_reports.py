@@ -11,7 +11,8 @@ import numpy as np
 from agent.measure.stats import histogram, summarize
 from server.gate import evaluate
 from server.policy import load_policy
-from server.reports import LATENCY_PNG, REPORT_JSON, REPORT_MD, write_report
+from server.registry import DeploymentRecord, Registry
+from server.reports import LATENCY_PNG, REPORT_JSON, REPORT_MD, ReportQueue, write_report
 
 DEPLOYMENT = {"deployment_id": "d-00000000beef", "device_id": "pi-1", "model_id": "tiny", "version": 3,
               "status": "passed", "reason": "all checks passed"}
@@ -64,32 +65,42 @@ def test_malformed_histogram_falls_back_without_losing_the_report(tmp_path: Path
     assert (folder / LATENCY_PNG).exists() and (folder / REPORT_MD).exists()
 
 
+def _measured_deployments(registry: Registry, artifact_dir: Path, n: int) -> list[DeploymentRecord]:
+    """`n` deployments of one registered artifact, each with a report holding a latency histogram."""
+    artifact = registry.register(artifact_dir)
+    records = []
+    for i in range(n):
+        dep = registry.create_deployment(artifact, f"pi-{i}", chunk_size=4096, policy=None, deadline_s=600,
+                                         status="measuring")
+        records.append(registry.update_deployment(dep.deployment_id, report=_report(with_histogram=True)))
+    return records
+
+
+def _submit_together(queue: ReportQueue, records: list[DeploymentRecord]) -> None:
+    """Queue every record behind a held writer thread, as when a wave's deployments end at once."""
+    import threading
+
+    gate = threading.Event()
+    queue._executor.submit(gate.wait, 30)
+    for record in records:
+        queue.submit(record)
+    gate.set()
+    queue.wait()
+
+
 def test_report_queue_spends_a_bounded_share_on_plots_and_says_when_it_skipped_one(
         tmp_path: Path, tiny_artifact: Path) -> None:
     """A wave finishing at once must not keep the server drawing PNGs (~45 ms each): after a PNG
     the next waits for its share of time; skipped ones say so in their Markdown; a lone
     deployment later gets its PNG again."""
-    import threading
     import time
 
-    from server.registry import Registry
-    from server.reports import ReportQueue
 
     registry = Registry(tmp_path / "reg")
     queue = ReportQueue(registry, plot_cpu_share=0.05, plot_burst_s=0.0)
     try:
-        artifact = registry.register(tiny_artifact)
-        deps = []
-        for n in range(7):
-            dep = registry.create_deployment(artifact, f"pi-{n}", chunk_size=4096, policy=None, deadline_s=600,
-                                             status="measuring")
-            deps.append(registry.update_deployment(dep.deployment_id, report=_report(with_histogram=True)))
-        gate = threading.Event()
-        queue._executor.submit(gate.wait, 30)  # hold the writer so six queue up behind it, as in a wave
-        for record in deps[:6]:
-            queue.submit(record)
-        gate.set()
-        queue.wait()
+        deps = _measured_deployments(registry, tiny_artifact, 7)
+        _submit_together(queue, deps[:6])  # six queued behind a held writer, as in a wave
         drawn = [(registry.reports_dir / d.deployment_id / LATENCY_PNG).is_file() for d in deps[:6]]
         assert drawn == [True, False, False, False, False, False]  # the first PNG buys 19x its time of rest
         assert (queue.plots_drawn, queue.plots_skipped) == (1, 5)
@@ -111,26 +122,12 @@ def test_report_queue_spends_a_bounded_share_on_plots_and_says_when_it_skipped_o
 
 def test_report_queue_draws_every_png_of_a_few_deployments_ending_together(
         tmp_path: Path, tiny_artifact: Path) -> None:
-    import threading
-
-    from server.registry import Registry
-    from server.reports import ReportQueue
 
     registry = Registry(tmp_path / "reg")
     queue = ReportQueue(registry, plot_cpu_share=0.05, plot_burst_s=30.0)
     try:
-        artifact = registry.register(tiny_artifact)
-        records = []
-        for n in range(4):
-            dep = registry.create_deployment(artifact, f"pi-{n}", chunk_size=4096, policy=None, deadline_s=600,
-                                             status="measuring")
-            records.append(registry.update_deployment(dep.deployment_id, report=_report(with_histogram=True)))
-        gate = threading.Event()
-        queue._executor.submit(gate.wait, 30)
-        for record in records:
-            queue.submit(record)
-        gate.set()
-        queue.wait()
+        records = _measured_deployments(registry, tiny_artifact, 4)
+        _submit_together(queue, records)
         assert all((registry.reports_dir / r.deployment_id / LATENCY_PNG).is_file() for r in records)
         assert (queue.plots_drawn, queue.plots_skipped) == (4, 0)
     finally:
@@ -141,8 +138,6 @@ def test_report_queue_draws_every_png_of_a_few_deployments_ending_together(
 def test_report_queue_refuses_a_share_outside_0_to_1(tmp_path: Path) -> None:
     import pytest
 
-    from server.registry import Registry
-    from server.reports import ReportQueue
 
     registry = Registry(tmp_path / "reg")
     try:
@@ -154,7 +149,6 @@ def test_report_queue_refuses_a_share_outside_0_to_1(tmp_path: Path) -> None:
 
 def test_a_skipped_png_is_drawn_once_on_demand_and_never_for_a_report_without_figures(
         tmp_path: Path, tiny_artifact: Path) -> None:
-    from server.registry import Registry
     from server.reports import draw_missing_plot, plottable, write_record_report
     from server.web.views import report_files
 
