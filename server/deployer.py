@@ -29,7 +29,7 @@ from protocol.topics import Topics
 from server import window
 from server.device_messages import DEVICE_ERRORS, PINNED_KEY_MISMATCH, DeviceMessages
 from server.policy import Policy
-from server.registry import ArtifactRecord, DeploymentRecord, DeviceRecord, Registry
+from server.registry import ArtifactRecord, DeploymentRecord, Registry
 from server.registry.records import allowed_sources
 from server.reports import ReportQueue, write_record_report
 from server.transfer import (
@@ -250,10 +250,8 @@ class Deployer:
         """Start pending deployments (also those created by the CLI) and time out overdue ones."""
         now = time.time() if now is None else now
         self._tell_cancelled()
-        due = self.registry.deployments_due(now, offline_since=now - self.config.offline_grace_s)
-        for dep in due:
-            device = self.registry.find_device(dep.device_id)
-            gone = self._offline_too_long(dep, device, now) if device and device.status == "offline" else None
+        for dep, offline_at in self.registry.deployments_due(now, offline_since=now - self.config.offline_grace_s):
+            gone = None if offline_at is None else self._offline_reason(dep, offline_at)
             if dep.deadline < now or gone:
                 why = gone or f"no outcome within the deadline (last status {dep.status})"
                 if self.finish(dep, _D.TIMEOUT, why):
@@ -261,14 +259,10 @@ class Deployer:
             elif dep.status == _D.PENDING:
                 self.start(dep.deployment_id)
 
-    def _offline_too_long(self, dep: DeploymentRecord, device: DeviceRecord | None, now: float) -> str | None:
-        """Why the deployment cannot finish: its device has been offline for the grace period during it."""
-        if device is None:
-            return None
-        since = max(device.last_seen, dep.created)  # an offline state's arrival time, or the deployment's start
-        if now - since < self.config.offline_grace_s:
-            return None
-        return (f"device_offline: {dep.device_id} went offline at {iso_time(device.last_seen)} (its retained state / "
+    def _offline_reason(self, dep: DeploymentRecord, offline_at: float) -> str:
+        """Why the deployment cannot finish: its device went offline at `offline_at` and stayed away for
+        the grace period during the deployment (the registry's query decides that)."""
+        return (f"device_offline: {dep.device_id} went offline at {iso_time(offline_at)} (its retained state / "
                 f"Last Will) and did not come back within {self.config.offline_grace_s:.0f} s; last status "
                 f"{dep.status}")
 

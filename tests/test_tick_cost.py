@@ -21,7 +21,7 @@ from server.service import EdgeGuideServer, ServerConfig
 
 
 def _due_ids(registry: Registry, now: float, offline_since: float) -> set[str]:
-    return {d.deployment_id for d in registry.deployments_due(now, offline_since)}
+    return {d.deployment_id for d, _offline_at in registry.deployments_due(now, offline_since)}
 
 
 def _seed(registry: Registry, artifact_dir: Path) -> dict[str, str]:
@@ -51,6 +51,10 @@ def _check_due(registry: Registry, deps: dict[str, str]) -> None:
     # Offline since before the cut-off: its deployment is due too; an online device's is not,
     # and a finished deployment never is, whatever its deadline or device.
     assert _due_ids(registry, now, offline_since=now + 5) == {deps["pending"], deps["overdue"], deps["offline"]}
+    # Only the deployment whose device is gone carries the time it went offline (the tick's reason).
+    offline_at = {d.deployment_id: at for d, at in registry.deployments_due(now, offline_since=now + 5)}
+    assert offline_at[deps["offline"]] == registry.find_device("off-1").last_seen
+    assert offline_at[deps["pending"]] is None and offline_at[deps["overdue"]] is None
 
 
 def test_a_tick_reads_only_the_deployments_it_acts_on(tmp_path: Path, tiny_artifact: Path) -> None:

@@ -74,19 +74,24 @@ class DeploymentTables(EventLog):
             sql += f" LIMIT {int(limit)}"
         return [DeploymentRecord.from_row(r) for r in self.db.query(sql, params)]
 
-    def deployments_due(self, now: float, offline_since: float) -> list[DeploymentRecord]:
-        """Active deployments a tick must act on: pending ones, those past their deadline, and those
-        whose device has been offline since before `offline_since` (and that started before it).
+    def deployments_due(self, now: float, offline_since: float) -> list[tuple[DeploymentRecord, float | None]]:
+        """Active deployments a tick must act on, each with the time its device went offline when that
+        device has been offline since before `offline_since` and the deployment started before it
+        (else None): pending ones, those past their deadline, and those whose device is gone.
 
         One filtered query, so a tick costs what it acts on, not the number of deployments in flight
         (a 10,000-device wave re-read in full every second starved the ingest).
         """
         active = sorted(s.value for s in ACTIVE)
-        sql = (f"SELECT d.* FROM deployments d LEFT JOIN devices v ON v.device_id = d.device_id"
-               f" WHERE d.status IN ({', '.join('?' for _ in active)}) AND (d.status = ? OR d.deadline < ?"
-               f" OR (v.status = ? AND v.last_seen < ? AND d.created < ?)) ORDER BY d.created")
-        rows = self.db.query(sql, (*active, "pending", now, "offline", offline_since, offline_since))
-        return [DeploymentRecord.from_row(r) for r in rows]
+        gone = "v.status = ? AND v.last_seen < ? AND d.created < ?"
+        sql = (f"SELECT d.*, CASE WHEN {gone} THEN v.last_seen END AS device_offline_at FROM deployments d"
+               f" LEFT JOIN devices v ON v.device_id = d.device_id WHERE d.status IN"
+               f" ({', '.join('?' for _ in active)}) AND (d.status = ? OR d.deadline < ? OR ({gone}))"
+               " ORDER BY d.created")
+        offline = ("offline", offline_since, offline_since)
+        rows = self.db.query(sql, (*offline, *active, "pending", now, *offline))
+        return [(DeploymentRecord.from_row(r),
+                 None if r["device_offline_at"] is None else float(r["device_offline_at"])) for r in rows]
 
     def transition(self, deployment_id: str, expected: Iterable[str], status: str, *, reason: str | None = None,
                    report: dict | None = None, verdict: dict | None = None) -> DeploymentRecord | None:
