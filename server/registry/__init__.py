@@ -66,17 +66,15 @@ class Registry(ArtifactTables, DeviceTables, DeploymentTables, RolloutTables):
 
     @property
     def spans_messages(self) -> bool:
-        """Whether one transaction may span several device messages (PostgreSQL; not SQLite, see below)."""
+        """Whether one transaction may hold device messages' writes: PostgreSQL yes. On SQLite a write
+        transaction locks the whole file, so a message held open there would stall every other server
+        process for its whole handling (measured: -10 % ingest with two processes)."""
         return not isinstance(self.db, SqliteDatabase)
 
     def unit_of_work(self) -> AbstractContextManager[None]:
-        """One transaction around one device message's writes on PostgreSQL (one commit instead of one
-        per statement; all land or none does). On SQLite a write transaction locks the whole file, so
-        a message held open there would stall every other server process for its whole handling
-        (measured: -10 % ingest with two processes); its statements commit one by one, as before."""
-        if isinstance(self.db, SqliteDatabase):
-            return nullcontext()
-        return self.db.transaction()
+        """One transaction around a group of device messages' writes where `spans_messages` (one commit
+        instead of one per statement; all land or none does); elsewhere statements commit one by one."""
+        return self.db.transaction() if self.spans_messages else nullcontext()
 
     def unregister(self, model_id: str, version: int) -> ArtifactRecord:
         """Withdraw one version: hidden from deploys and listings, files deleted, history kept.
