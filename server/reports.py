@@ -26,6 +26,8 @@ _LOGGER = logging.getLogger(__name__)
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 LATENCY_PNG = "latency.png"
+# The latency summary figures drawn as bars when a report carries no histogram (also the dashboard's).
+LATENCY_BARS = ("min", "p50", "p90", "p99", "max")
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -51,8 +53,11 @@ def plottable(latency: Any) -> bool:
     """Whether `latency_ms` of a report has something to draw (a histogram or percentiles)."""
     if not isinstance(latency, dict):
         return False
-    return _histogram_parts(latency) is not None or any(
-        isinstance(latency.get(k), int | float) for k in ("min", "p50", "p90", "p99", "max"))
+    return _histogram_parts(latency) is not None or bool(_bar_keys(latency))
+
+
+def _bar_keys(latency: dict[str, Any]) -> list[str]:
+    return [k for k in LATENCY_BARS if isinstance(latency.get(k), int | float)]
 
 
 def plot_latency(latency: dict[str, Any], out: Path, title: str) -> Path | None:
@@ -79,7 +84,7 @@ def plot_latency(latency: dict[str, Any], out: Path, title: str) -> Path | None:
         ax.set_title(f"{title} ({overflow} above p99 not shown)" if overflow else title, fontsize=9)
         ax.legend(fontsize=8)
     else:
-        keys = [k for k in ("min", "p50", "p90", "p99", "max") if isinstance(latency.get(k), int | float)]
+        keys = _bar_keys(latency)
         if not keys:
             return None
         ax.bar(keys, [latency[k] for k in keys], color="#4477aa")

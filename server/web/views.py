@@ -18,7 +18,7 @@ from typing import Any
 
 from server.gate import finite_number
 from server.registry import DeploymentRecord, Registry, RegistryError
-from server.reports import plottable
+from server.reports import LATENCY_BARS, plottable
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -248,7 +248,7 @@ def _histogram(report: dict[str, Any]) -> dict[str, Any] | None:
     if isinstance(edges, list) and isinstance(counts, list) and len(edges) == len(counts) + 1 and counts \
             and all(finite_number(e) is not None for e in edges) and all(finite_number(c) is not None for c in counts):
         return {"edges": edges, "counts": counts, "marks": marks, "overflow": hist.get("overflow")}
-    bars = {k: finite_number(latency.get(k)) for k in ("min", "p50", "p90", "p99", "max")}
+    bars = {k: finite_number(latency.get(k)) for k in LATENCY_BARS}
     bars = {k: v for k, v in bars.items() if v is not None}
     return {"percentiles": bars, "marks": marks} if bars else None
 
