@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from compression.quantizations import QUANTIZATIONS
 from protocol.cli_help import HelpFormatter
 
 _LOGGER = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ def _configure_train(parser: argparse.ArgumentParser) -> Handler:
     parser.add_argument("--seed", type=int, default=None, help="override the preset's random seed")
     parser.add_argument("--export", nargs="*", default=[], metavar="QUANT",
                         help="also export artifacts with these quantizations into DIR/artifact-QUANT "
-                             "(none, dynamic, dynamic-tensor, dynamic-int4, int8, float16)")
+                             f"({', '.join(QUANTIZATIONS)})")
     parser.add_argument("--no-progress", action="store_true", help="hide the Keras progress bar")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     return _run_train
@@ -147,7 +148,7 @@ def _configure_export(parser: argparse.ArgumentParser) -> Handler:
     parser.add_argument("run", type=Path, metavar="RUN_DIR",
                         help=f"directory written by 'train' ({MODEL_FILE}, {RUN_FILE})")
     parser.add_argument("--quantization",
-                        choices=("none", "dynamic", "dynamic-tensor", "dynamic-int4", "int8", "float16"),
+                        choices=QUANTIZATIONS,
                         default="none",
                         help="post-training quantization of the .tflite (default: none = float32)")
     parser.add_argument("--out", type=Path, default=None, metavar="DIR",

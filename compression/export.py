@@ -21,6 +21,7 @@ import tf_keras as keras
 from compression.baselines import evaluate_baselines
 from compression.compact import compact_tflite
 from compression.data import Dataset
+from compression.quantizations import QUANTIZATIONS
 from compression.tflite_eval import (
     INPUT_NAME,
     RECOMMEND,
@@ -32,11 +33,6 @@ from compression.tflite_eval import (
 
 _LOGGER = logging.getLogger(__name__)
 
-# "dynamic" = int8 weights with per-channel scales, float activations (TF's default; FULLY_CONNECTED
-# v12, which tflite-runtime 2.14 rejects); "dynamic-tensor" = the same with one scale per tensor;
-# "dynamic-int4" = dynamic-tensor with the per-item tables only FULLY_CONNECTED reads in int4
-# (compression/int4.py; ai-edge-litert 2.3 and tflite-runtime 2.14 both run it).
-QUANTIZATIONS = ("none", "dynamic", "dynamic-tensor", "dynamic-int4", "int8", "float16")
 FORMAT = 1
 GOLDEN_N = 64
 POPULAR_N = 100

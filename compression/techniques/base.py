@@ -17,6 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 import tf_keras as keras
 
 from compression.data import Dataset
+from compression.quantizations import QUANTIZATIONS
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ TECHNIQUE_NAMES = (
     "quant-linear", "ptq-dynamic", "ptq-int8", "ptq-float16", "qat", "cluster", "quant-log",
     "distill-soft", "distill-feature", "svd", "cp",
 )
-QUANTIZATION_MODES = ("none", "dynamic", "dynamic-tensor", "dynamic-int4", "int8", "float16")
+QUANTIZATION_MODES = QUANTIZATIONS  # the export's modes (compression.quantizations)
 
 
 class TechniqueError(Exception):

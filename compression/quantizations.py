@@ -1,0 +1,16 @@
+"""The post-training quantization modes of an export, named once.
+
+A light module: the command line offers them without importing TensorFlow, and
+``compression.export`` and the techniques check against the same tuple.
+
+- "none": float32.
+- "dynamic": int8 weights with per-channel scales, float activations (TF's default; FULLY_CONNECTED
+  v12, which tflite-runtime 2.14 rejects).
+- "dynamic-tensor": the same with one scale per tensor.
+- "dynamic-int4": dynamic-tensor with the per-item tables only FULLY_CONNECTED reads in int4
+  (``compression.int4``; ai-edge-litert 2.3 and tflite-runtime 2.14 both run it).
+- "int8": full-integer quantization with a representative dataset.
+- "float16": float16 weights.
+"""
+
+QUANTIZATIONS = ("none", "dynamic", "dynamic-tensor", "dynamic-int4", "int8", "float16")
