@@ -68,9 +68,6 @@ class Inbox:
         self._queue.append((topic, payload))
         self._schedule(self.drain)
 
-    def __len__(self) -> int:
-        return len(self._queue)
-
     def publish(self, topic: str, payload: bytes) -> None:
         """Publish now, or after the commit when called from the handling of a group.
 
