@@ -124,13 +124,23 @@ class RolloutManager:
             self._start_device(rollout, device_id)
 
     def _start_device(self, rollout: RolloutRecord, device_id: str) -> None:
+        # Claim, record and attach in one transaction: a process killed (or failing) half-way leaves
+        # no claim without a deployment, which the stage would wait on forever; the device stays
+        # unstarted and another tick or process starts it. The manifest goes out after the commit.
+        with self.registry.db.transaction():
+            deployment_id = self._claim_and_record(rollout, device_id)
+        if deployment_id is not None:
+            self.deployer.start(deployment_id)
+
+    def _claim_and_record(self, rollout: RolloutRecord, device_id: str) -> str | None:
+        """The new deployment of `device_id` to start, or None (claimed elsewhere, skipped, failed)."""
         # Claim the row first: with several server processes, exactly one creates the deployment.
         if not self.registry.claim_rollout_device(rollout.rollout_id, device_id):
-            return
+            return None
         why = already_on(self.registry, device_id, rollout.model_id, rollout.version)
         if why:  # promoted since the rollout was created (e.g. by a plain deploy)
             self.registry.settle_rollout_device(rollout.rollout_id, device_id, SKIPPED, why)
-            return
+            return None
         policy = Policy.from_dict(rollout.policy) if rollout.policy else None
         try:
             dep = self.deployer.create(rollout.model_id, device_id, version=rollout.version, policy=policy)
@@ -142,11 +152,11 @@ class RolloutManager:
                                                 deployment_id=dep_id)
             self.registry.log_event("rollout:device_failed", device_id=device_id, deployment_id=dep_id,
                                     detail=f"{rollout.rollout_id}: {exc}")
-            return
+            return None
         self.registry.attach_rollout_deployment(rollout.rollout_id, device_id, dep.deployment_id)
         self.registry.log_event("rollout:device_started", device_id=device_id, deployment_id=dep.deployment_id,
                                 detail=rollout.rollout_id)
-        self.deployer.start(dep.deployment_id)
+        return dep.deployment_id
 
     def _collect_outcomes(self, rollout: RolloutRecord) -> None:
         for row in self.registry.finished_rollout_members(rollout.rollout_id):

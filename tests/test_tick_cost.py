@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from server.registry import Registry
+from server.registry import Registry, RegistryError
 from server.rollout import RolloutManager, make_plan
 from server.rollout_plan import CLAIM
 from server.service import EdgeGuideServer, ServerConfig
@@ -122,3 +122,24 @@ def test_starts_per_tick_must_be_positive(tmp_path: Path) -> None:
             RolloutManager(registry, None, starts_per_tick=0)  # type: ignore[arg-type]
     finally:
         registry.close()
+
+
+@pytest.mark.network
+def test_a_device_whose_start_fails_half_way_is_left_unclaimed_not_stuck(
+        idle_server: EdgeGuideServer, tiny_artifact: Path) -> None:
+    """Claim, deployment and attach are one transaction: an error after the claim (here the version
+    was withdrawn meanwhile; a killed process is the other case) must not leave a claim without a
+    deployment, which the stage would wait on forever."""
+    registry = idle_server.registry
+    artifact = registry.register(tiny_artifact)
+    devices = ["u-1", "u-2"]
+    for device in devices:
+        registry.upsert_device(device, status="online", from_state=True)
+    manager = RolloutManager(registry, idle_server.deployer, starts_per_tick=2)
+    rollout = manager.create(artifact.model_id, make_plan([], devices, 1, 100.0))
+    registry.unregister(artifact.model_id, artifact.version)
+    with pytest.raises(RegistryError, match="no registered artifact"):
+        manager.tick()
+    members = registry.rollout(rollout.rollout_id).devices
+    assert {d: (m["deployment_id"], m["outcome"]) for d, m in members.items()} == {d: (None, None) for d in devices}
+    assert [d for d in registry.deployments() if d.version == artifact.version] == []
