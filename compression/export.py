@@ -35,6 +35,10 @@ _LOGGER = logging.getLogger(__name__)
 
 FORMAT = 1
 GOLDEN_N = 64
+# what each int4 export mode repacks (``compression.int4.int4_fc_tables``): "dynamic-int4" only tables
+# FULLY_CONNECTED reads (both runtimes run it); "-all" also GATHER-read tables and the 64 x 64 kernels
+INT4_SETTINGS = {"dynamic-int4": {"gather": False},
+                 "dynamic-int4-all": {"gather": True, "min_elements": 4096}}
 POPULAR_N = 100
 
 
@@ -99,7 +103,7 @@ def convert(model: keras.Model, dataset: Dataset, *, k: int = 20, quantization: 
         converter = tf.lite.TFLiteConverter.from_saved_model(tmp, signature_keys=[RECOMMEND, SCORE])
         if quantization != "none":
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        if quantization in ("dynamic-tensor", "dynamic-int4", "int8"):
+        if quantization in ("dynamic-tensor", "dynamic-int4", "dynamic-int4-all", "int8"):
             # One scale per weight tensor: per-channel scales and zero points cost 12 bytes per
             # output channel, i.e. per item for every [V, d] score table, and each signature
             # stores its own copy (measured: 196 KB of a 530 KB dynamic-range SASRec at V=3659).
@@ -115,10 +119,10 @@ def convert(model: keras.Model, dataset: Dataset, *, k: int = 20, quantization: 
     if not compact:
         return blob
     blob, _ = compact_tflite(blob)  # lossless: shared constants, no tensor names, one subgraph
-    if quantization == "dynamic-int4":
+    if quantization in INT4_SETTINGS:
         from compression.int4 import int4_fc_tables
 
-        blob, _ = int4_fc_tables(blob)
+        blob, _ = int4_fc_tables(blob, **INT4_SETTINGS[quantization])
     _LOGGER.info("converted %s model: %d bytes (%s)", quantization, len(blob), model.name)
     return blob
 

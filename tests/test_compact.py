@@ -139,6 +139,9 @@ def _int8_grid_copy(blob: bytes, int4_blob: bytes) -> bytes:
         for t8, t4 in zip(sg8.tensors, sg4.tensors, strict=True):
             if t4.type != schema.TensorType.INT4:
                 continue
+            t8.quantization.scale = list(t4.quantization.scale)  # also the rows a GATHER of the table yields
+            if int4.buffers[t4.buffer].data is None:
+                continue
             packed = np.frombuffer(bytes(int4.buffers[t4.buffer].data), dtype=np.uint8)
             nibbles = np.stack([packed & 0x0F, packed >> 4], axis=1).ravel()[:int(np.prod(t4.shape))]
             values = np.where(nibbles > 7, nibbles.astype(np.int16) - 16, nibbles).astype(np.int8)
@@ -152,7 +155,7 @@ def test_int4_tables_are_fc_only_half_size_and_run_exactly_as_their_values(expor
 
     _, dataset, raw, histories = exported
     blob, _ = compact_tflite(raw)
-    small, notes = int4_fc_tables(blob, min_elements=1024)
+    small, notes = int4_fc_tables(blob, min_elements=1024, gather=False)
     rows = dataset.num_items + 1
     # both FPMC tables ("last" read through an indicator x table FC); not the tied item table,
     # which a GATHER reads for the history
@@ -167,5 +170,34 @@ def test_int4_tables_are_fc_only_half_size_and_run_exactly_as_their_values(expor
         for left, right in zip(a[key], b[key], strict=True):
             for name in left:
                 np.testing.assert_array_equal(left[name], right[name])
-    with pytest.raises(Int4Error, match="no int8 FULLY_CONNECTED-only weight"):
+    with pytest.raises(Int4Error, match="no int8 weight of >= "):
         int4_fc_tables(blob)  # the test model's tables are all below the default size
+
+
+def test_int4_tied_table_read_by_gather_and_fc_runs_exactly_as_its_values(exported) -> None:
+    """gather=True also packs the tied item table (history lookups GATHER it, scores read it through a
+    FULLY_CONNECTED): one int4 copy, and both signatures return what its int4 values on the int8 grid give."""
+    from compression.int4 import int4_fc_tables
+
+    _, dataset, raw, histories = exported
+    blob, _ = compact_tflite(raw)
+    fc_only, _ = int4_fc_tables(blob, min_elements=4096, gather=False)
+    small, notes = int4_fc_tables(blob, min_elements=4096, gather=True)  # the [V+1] item bias stays int8
+    rows = dataset.num_items + 1
+    assert [rows, ARCH.dim] in notes["tables"] and len(notes["tables"]) == 3
+    assert len(fc_only) - len(small) >= rows * ARCH.dim // 2 - 64
+    parsed = _parse(small)
+    gathers = [op for op in parsed.subgraphs[0].operators
+               if parsed.operatorCodes[op.opcodeIndex].builtinCode == schema.BuiltinOperator.GATHER
+               and parsed.subgraphs[0].tensors[op.inputs[0]].type == schema.TensorType.INT4]
+    assert len(gathers) == 1
+    rows_out = parsed.subgraphs[0].tensors[gathers[0].outputs[0]]
+    assert rows_out.type == schema.TensorType.INT4
+    a, b = _run_all(small, histories), _run_all(_int8_grid_copy(blob, small), histories)
+    for key in a:
+        for left, right in zip(a[key], b[key], strict=True):
+            for name in left:
+                np.testing.assert_array_equal(left[name], right[name])
+    # and int4 changed the scores (the comparison above is not between two int8 models)
+    c = _run_all(blob, histories)
+    assert any(not np.array_equal(x["scores"], y["scores"]) for x, y in zip(a["score"], c["score"], strict=True))

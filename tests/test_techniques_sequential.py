@@ -179,3 +179,34 @@ def test_compaction_is_lossless_and_the_tied_table_is_stored_once(sasrec) -> Non
         a, b = (r(history=history[None, :].astype(np.int32))["scores"] for r in runners)
         np.testing.assert_array_equal(a, b)
         np.testing.assert_allclose(a[0], model(history[None, :]).numpy()[0], atol=0.05)
+
+
+def test_int4_qat_trains_on_the_export_grid_so_the_export_adds_no_weight_error(sasrec) -> None:
+    """QAT for "dynamic-int4-all": the repacked matrices hold at most 15 values (int4), the others the
+    per-tensor int8 grid, and the .tflite scores sit closer to Keras than a plain int4 export of the
+    same model does (only the activations' run-time quantization is left)."""
+    from compression.export import convert
+
+    model, dataset = sasrec
+    result = QuantizationAwareTraining(export_mode="dynamic-int4-all", **FAST).apply(model, dataset)
+    assert result.quantization == "dynamic-int4-all"
+    new, int4 = result.model, set(result.notes["int4_matrices"])
+    weights = matrices(new)
+    assert any(n.startswith("item_embedding") for n in int4) and any(n.startswith("transitions") for n in int4)
+    assert not any(n.startswith("block") for n in int4)  # 8 x 8 kernels: below the size int4 is used for
+    for name, variable in weights.items():
+        values = variable.numpy()
+        assert len(np.unique(values)) <= (15 if name in int4 else 255), name
+        if name not in int4:
+            step = np.abs(values).max() / 127.0
+            np.testing.assert_allclose(values / step, np.round(values / step), atol=1e-3)
+
+    def export_error(keras_model) -> float:
+        blob = convert(keras_model, dataset, k=10, quantization="dynamic-int4-all")
+        runner = Interpreter(model_content=blob).get_signature_runner("score")
+        histories = _histories(dataset, 8)
+        return max(float(np.abs(runner(history=h[None, :].astype(np.int32))["scores"][0]
+                                - keras_model(h[None, :]).numpy()[0]).max()) for h in histories)
+
+    trained_on_grid, plain = export_error(new), export_error(model)
+    assert trained_on_grid < plain / 2, (trained_on_grid, plain)

@@ -3,7 +3,7 @@
 A technique takes a trained tf_keras recommender plus the dataset it was trained on and
 returns a NEW model (the input is never mutated) with notes describing what it did. The
 export step needs one more fact a technique may decide: the TFLite quantization mode
-("none" | "dynamic" | "dynamic-tensor" | "dynamic-int4" | "int8" | "float16"), carried in
+("none" | "dynamic" | "dynamic-tensor" | "dynamic-int4" | "dynamic-int4-all" | "int8" | "float16"), carried in
 ``StepResult.quantization``.
 """
 
