@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from compression.techniques import (
     ActivationPruning,
+    BlockPruning,
     CPDecomposition,
     FeatureDistillation,
     GradientPruning,
@@ -87,11 +88,18 @@ def default_variants(profile: str = "full") -> list[Variant]:
     mid_rank = TruncatedSVD(rules={"item_embedding": {"rank": 32}, "transitions": {"rank": 16}}, epochs=1.0)
     low_rank = TruncatedSVD(rules={"item_embedding": {"rank": 24}, "transitions": {"rank": 8}}, epochs=1.0)
     int4_rank = TruncatedSVD(rules={"item_embedding": {"rank": 36}, "transitions": {"rank": 16}}, epochs=1.0)
+    # every table int4 (the tied one too: ai-edge-litert only), probes on full data: the full-width
+    # table with FPMC 16 at 239 KB kept test NDCG; table r32 + FPMC 8 with one attention block
+    # left (the second cost least), 135 KB: the nearest point to 16 x measured
+    int4_all = PostTrainingQuantization("dynamic-int4-all")
+    fpmc16 = TruncatedSVD(rules={"transitions": {"rank": 16}}, epochs=1.0)
+    r32_f8 = TruncatedSVD(rules={"item_embedding": {"rank": 32}, "transitions": {"rank": 8}}, epochs=1.0)
     alone = {
         "prune-magnitude": MagnitudePruning(target=0.8, method="tfmot", epochs=tune),
         "prune-magnitude-oneshot": MagnitudePruning(target=0.5, method="oneshot"),
         "prune-activation": ActivationPruning(epochs=tune),
         "prune-gradient": GradientPruning(epochs=tune),
+        "prune-blocks": BlockPruning(keep=1, epochs=tune),
         "quant-linear-4bit": LinearQuantization(bits=4, granularity="row"),
         "quant-log-4bit": LogQuantization(bits=4),
         "qat": QuantizationAwareTraining(epochs=tune, export_mode="int8"),
@@ -111,6 +119,8 @@ def default_variants(profile: str = "full") -> list[Variant]:
         Variant("svd-r32-f16+dynamic", (mid_rank, dynamic)),
         Variant("svd-r24-f8+dynamic", (low_rank, dynamic)),
         Variant("svd-r36-f16+int4", (int4_rank, PostTrainingQuantization("dynamic-int4"))),
+        Variant("svd-f16+int4-all", (fpmc16, int4_all)),
+        Variant("svd-r32-f8+prune-blocks+int4-all", (r32_f8, BlockPruning(keep=1, epochs=2.0), int4_all)),
         Variant("cp+dynamic", (alone["cp"], dynamic)),
         Variant("distill-soft+dynamic", (student, dynamic)),
         Variant("distill-soft+float16", (student, fp16)),

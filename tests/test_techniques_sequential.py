@@ -19,6 +19,7 @@ from compression.export import export_artifact
 from compression.seqmodel import Architecture, architecture_of, build_model, cp_grid
 from compression.techniques import (
     ActivationPruning,
+    BlockPruning,
     CPDecomposition,
     FeatureDistillation,
     GradientPruning,
@@ -210,3 +211,40 @@ def test_int4_qat_trains_on_the_export_grid_so_the_export_adds_no_weight_error(s
 
     trained_on_grid, plain = export_error(new), export_error(model)
     assert trained_on_grid < plain / 2, (trained_on_grid, plain)
+
+
+def test_block_pruning_keeps_the_block_the_loss_needs_and_copies_its_weights(sasrec) -> None:
+    """A 2-block SASRec loses one block: the one whose removal raised the calibration loss most stays,
+    its weights moved to position 0 before fine-tuning; 1 block is the least it can keep."""
+    import tf_keras as keras
+
+    from compression.techniques.base import TechniqueError
+    from compression.techniques.prune_blocks import without_blocks
+
+    _, dataset = sasrec
+    keras.utils.set_random_seed(8)
+    two = build_model(dataset.num_items, ARCH.replace(blocks=2), WINDOW)
+    fine_tune(two, dataset, epochs=0.3, learning_rate=5e-3, max_pairs=2000)
+    second_only = without_blocks(two, [1])
+    assert architecture_of(second_only).blocks == 1
+    for a, b in zip(second_only.get_layer("block0").get_weights(), two.get_layer("block1").get_weights(),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(second_only.get_layer("item_embedding").get_weights()[0],
+                                  two.get_layer("item_embedding").get_weights()[0])
+    histories = _histories(dataset, 4)
+    assert not np.allclose(second_only(histories).numpy(), two(histories).numpy())
+
+    result = BlockPruning(keep=1, epochs=0.1, calibration=256, max_pairs=600).apply(two, dataset)
+    notes = result.notes
+    assert architecture_of(result.model).blocks == 1 and architecture_of(two).blocks == 2
+    costs = {int(b): loss for b, loss in notes["loss_without_block"].items()}
+    assert notes["kept_blocks"] == [max(costs, key=costs.get)]
+    assert notes["params_after"] < notes["params_before"]
+    with pytest.raises(TechniqueError, match="keep must be in 1..1"):
+        BlockPruning(keep=2).apply(two, dataset)
+    with pytest.raises(TechniqueError, match="distinct"):
+        without_blocks(two, [1, 1])
+    gru = build_model(dataset.num_items, ARCH.replace(kind="gru"), WINDOW)
+    with pytest.raises(TechniqueError, match="needs attention blocks"):
+        BlockPruning().apply(gru, dataset)

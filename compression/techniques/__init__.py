@@ -20,6 +20,7 @@ from compression.techniques.distill_feature import FeatureDistillation
 from compression.techniques.distill_soft import SoftDistillation
 from compression.techniques.distillation import StudentShape
 from compression.techniques.prune_activation import ActivationPruning
+from compression.techniques.prune_blocks import BlockPruning
 from compression.techniques.prune_gradient import GradientPruning
 from compression.techniques.prune_magnitude import MagnitudePruning
 from compression.techniques.ptq import PostTrainingQuantization
@@ -29,7 +30,7 @@ from compression.techniques.quant_log import LogQuantization
 from compression.techniques.svd import TruncatedSVD
 
 __all__ = [
-    "QUANTIZATION_MODES", "TECHNIQUE_NAMES", "ActivationPruning", "CPDecomposition", "CPEmbedding",
+    "QUANTIZATION_MODES", "TECHNIQUE_NAMES", "ActivationPruning", "BlockPruning", "CPDecomposition", "CPEmbedding",
     "FeatureDistillation", "GradientPruning", "LinearQuantization", "LogQuantization", "MagnitudePruning",
     "PostTrainingQuantization", "QuantizationAwareTraining", "Recipe", "SoftDistillation", "StepResult",
     "StudentShape", "Technique", "TechniqueError", "TruncatedSVD", "WeightClustering",

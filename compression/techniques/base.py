@@ -22,7 +22,7 @@ from compression.quantizations import QUANTIZATIONS
 _LOGGER = logging.getLogger(__name__)
 
 TECHNIQUE_NAMES = (
-    "prune-magnitude", "prune-activation", "prune-gradient",
+    "prune-magnitude", "prune-activation", "prune-gradient", "prune-blocks",
     "quant-linear", "ptq-dynamic", "ptq-int8", "ptq-float16", "qat", "cluster", "quant-log",
     "distill-soft", "distill-feature", "svd", "cp",
 )
