@@ -46,7 +46,10 @@ def test_demo_runs_the_whole_loop_and_stops_what_it_started(tmp_path: Path,
 
 
 def test_ctrl_c_during_the_demo_stops_the_agent_and_the_broker_and_keep_keeps_the_files(tmp_path: Path) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "server", "demo", "--max-customers", "200", "--keep"],
+    # the full measurement mode (a >= 60 s timed run on the device) keeps the demo busy after its agent is up:
+    # the quick mode's deploy-to-serve took ~2 s, and a loaded machine once let the demo finish before the signal
+    proc = subprocess.Popen([sys.executable, "-m", "server", "demo", "--max-customers", "200", "--keep",
+                             "--measure-mode", "full"],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env={**os.environ, "TMPDIR": str(tmp_path), "COLUMNS": "400"})
     try:
