@@ -35,7 +35,7 @@ _LOGGER = logging.getLogger(__name__)
 
 FORMAT = 1
 GOLDEN_N = 64
-# what each int4 export mode repacks (``compression.int4.int4_fc_tables``): "dynamic-int4" only tables
+# what each int4 export mode repacks (``compression.int4.int4_tables``): "dynamic-int4" only tables
 # FULLY_CONNECTED reads (both runtimes run it); "-all" also GATHER-read tables and the 64 x 64 kernels
 INT4_SETTINGS = {"dynamic-int4": {"gather": False},
                  "dynamic-int4-all": {"gather": True, "min_elements": 4096}}
@@ -120,9 +120,9 @@ def convert(model: keras.Model, dataset: Dataset, *, k: int = 20, quantization: 
         return blob
     blob, _ = compact_tflite(blob)  # lossless: shared constants, no tensor names, one subgraph
     if quantization in INT4_SETTINGS:
-        from compression.int4 import int4_fc_tables
+        from compression.int4 import int4_tables
 
-        blob, _ = int4_fc_tables(blob, **INT4_SETTINGS[quantization])
+        blob, _ = int4_tables(blob, **INT4_SETTINGS[quantization])
     _LOGGER.info("converted %s model: %d bytes (%s)", quantization, len(blob), model.name)
     return blob
 

@@ -7,12 +7,14 @@ and returns exactly what the same values stored as int8 give (measured with ai-e
 grid; tflite-runtime 2.14 loads and runs it too). A GATHER of INT4 params followed by a
 DEQUANTIZE (how a dynamic-range model looks up the tied item table) also returns exactly the
 int4 values when the GATHER's output is typed INT4 as well (typed INT8, as the converter left
-it, the DEQUANTIZE read the packed bytes as int8: 0.4-0.6 off). tflite-runtime 2.14 has no
-INT4 GATHER, so ``gather=False`` keeps such tables int8 for it. Everything below
-``min_elements`` stays int8.
+it, the DEQUANTIZE read the packed bytes as int8: 0.4-0.6 off), and only for rows of an even
+number of values along axis 0 (a 1-D table and rows of 5 or 7 values came back wrong, so those
+stay int8). tflite-runtime 2.14 has no INT4 GATHER, so ``gather=False`` keeps such tables int8
+for it. Everything below ``min_elements`` stays int8.
 
-This is lossy (15 levels per tensor instead of 255): it is an export mode (``dynamic-int4``),
-applied to a ``dynamic-tensor`` model, and every figure is measured on its output.
+This is lossy (15 levels per tensor instead of 255): it is applied by the export modes
+``dynamic-int4`` and ``dynamic-int4-all`` (``compression.export.INT4_SETTINGS``) to a
+``dynamic-tensor`` model, and every figure is measured on their output.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from compression.compact import pack_model
 _LOGGER = logging.getLogger(__name__)
 
 LEVELS = 7  # symmetric int4: -7..7, like the converter's symmetric int8 weights use -127..127
-MIN_ELEMENTS = 16384  # the per-item tables; attention kernels (64 x 64) stay int8
+MIN_ELEMENTS = 16384  # the per-item tables; attention kernels (64 x 64) stay int8 unless a mode lowers it
 MSE_CLIP = True  # step chosen for least squared error (``int4_step``), not max |w| / 7
 
 
@@ -65,24 +67,23 @@ _FC_FILTER = (schema.BuiltinOperator.FULLY_CONNECTED, 1)
 _GATHER_PARAMS = (schema.BuiltinOperator.GATHER, 0)
 
 
-def _gathers_feed_dequantize(model: schema.ModelT, buffer: int) -> bool:
-    """True when every GATHER of ``buffer`` is read only by DEQUANTIZE ops (so its output may be INT4)."""
-    for subgraph in model.subgraphs:
-        consumers: dict[int, set[int]] = {}
-        for op in subgraph.operators:
-            for index in op.inputs:
-                consumers.setdefault(index, set()).add(_builtin(model, op))
-        for op in subgraph.operators:
-            if (_builtin(model, op) == schema.BuiltinOperator.GATHER
-                    and subgraph.tensors[op.inputs[0]].buffer == buffer
-                    and consumers.get(op.outputs[0], set()) != {schema.BuiltinOperator.DEQUANTIZE}):
-                return False
-    return True
+def _gather_reads_int4(subgraph: schema.SubGraphT, op: schema.OperatorT, consumers: dict[int, set[int]]) -> bool:
+    """May this GATHER read int4 params? Only along axis 0 without batch dims, over rows of an even number of
+    values (measured: a 1-D table and rows of 5 or 7 values came back wrong), and with an output that only
+    DEQUANTIZE reads and that is not a subgraph output (nothing else takes int4 activations)."""
+    options = op.builtinOptions
+    axis, batch_dims = (getattr(options, "axis", 0), getattr(options, "batchDims", 0)) if options else (0, 0)
+    shape = [int(d) for d in subgraph.tensors[op.inputs[0]].shape]
+    row = int(np.prod(shape[1:])) if len(shape) >= 2 else 0
+    out = op.outputs[0]
+    return (axis == 0 and batch_dims == 0 and row > 0 and row % 2 == 0
+            and consumers.get(out) == {schema.BuiltinOperator.DEQUANTIZE}
+            and out not in set(subgraph.outputs if subgraph.outputs is not None else ()))
 
 
-def export_grid(values: np.ndarray, int4: bool) -> np.ndarray:
-    """The float values a dynamic-range export stores for ``values``: the converter's per-tensor
-    symmetric int8 (max |w| / 127), then, if ``int4``, the int4 step ``int4_fc_tables`` picks.
+def export_grid(values: np.ndarray, *, int4: bool) -> np.ndarray:
+    """The float values a dynamic-range export stores for a weight the converter quantizes: its per-tensor
+    symmetric int8 (max |w| / 127), then, if ``int4``, the int4 step ``int4_tables`` picks.
 
     Quantization-aware training snaps weights to this grid, so the export loses nothing more.
     """
@@ -98,58 +99,69 @@ def export_grid(values: np.ndarray, int4: bool) -> np.ndarray:
     return (np.clip(np.round(q8 / step), -LEVELS, LEVELS) * step * scale).astype(np.float32)
 
 
-def int4_fc_tables(blob: bytes, min_elements: int = MIN_ELEMENTS, mse_clip: bool = MSE_CLIP,
-                   gather: bool = False) -> tuple[bytes, dict]:
-    """Repack every per-tensor int8 weight read only as a FULLY_CONNECTED filter (or, with ``gather``,
-    also as the params of GATHERs whose outputs only DEQUANTIZE reads) to int4.
+def int4_tables(blob: bytes, min_elements: int = MIN_ELEMENTS, mse_clip: bool = MSE_CLIP,
+                gather: bool = False) -> tuple[bytes, dict]:
+    """Repack to int4 every per-tensor int8 weight buffer of >= ``min_elements`` that only FULLY_CONNECTED
+    reads as its filter (or, with ``gather``, also GATHERs that ``_gather_reads_int4`` allows).
 
+    Decided per buffer: every tensor on it must be per-tensor int8 with the same scale and no zero point.
     Returns the new model and notes (``tables``: shapes converted, ``bytes_before/after``).
     """
     model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(blob, 0))
-    readers: dict[int, set[tuple[int, int]]] = {}  # buffer -> {(op code, input position)}
-    for subgraph in model.subgraphs:
-        for op in subgraph.operators:
-            for position, index in enumerate(op.inputs):
-                if index >= 0:
-                    buffer = subgraph.tensors[index].buffer
-                    readers.setdefault(buffer, set()).add((_builtin(model, op), position))
     allowed = {_FC_FILTER, _GATHER_PARAMS} if gather else {_FC_FILTER}
-    converted: dict[int, list[int]] = {}
-    scales: dict[int, float] = {}
+    readers: dict[int, set[tuple[int, int]]] = {}  # buffer -> {(op code, input position)}
+    tensors: dict[int, list[schema.TensorT]] = {}  # buffer -> the tensors that hold it
+    gathers: dict[int, list[tuple[schema.TensorT, bool]]] = {}  # buffer -> (GATHER output, may be int4)
     for subgraph in model.subgraphs:
+        consumers: dict[int, set[int]] = {}
+        for op in subgraph.operators:
+            for index in op.inputs if op.inputs is not None else ():
+                consumers.setdefault(int(index), set()).add(_builtin(model, op))
         for tensor in subgraph.tensors:
-            data = model.buffers[tensor.buffer].data
-            quant = tensor.quantization
-            eligible = (tensor.type == schema.TensorType.INT8 and data is not None and len(data) >= min_elements
-                        and bool(readers.get(tensor.buffer)) and readers[tensor.buffer] <= allowed
-                        and (_GATHER_PARAMS not in readers[tensor.buffer]
-                             or _gathers_feed_dequantize(model, tensor.buffer))
-                        and quant is not None
-                        and quant.scale is not None and len(quant.scale) == 1
-                        and not any(int(z) for z in quant.zeroPoint))
-            if tensor.buffer not in converted and not eligible:
-                continue
-            if tensor.buffer not in converted:
-                q8 = np.frombuffer(bytes(data), dtype=np.int8).astype(np.float64)
-                step = int4_step(q8) if mse_clip else 127.0 / LEVELS  # in int8 units
-                q4 = np.clip(np.round(q8 / step), -LEVELS, LEVELS).astype(np.int8)
-                model.buffers[tensor.buffer].data = np.frombuffer(pack_nibbles(q4), dtype=np.uint8)
-                converted[tensor.buffer] = [int(d) for d in tensor.shape]
-                scales[tensor.buffer] = float(quant.scale[0]) * step
+            tensors.setdefault(tensor.buffer, []).append(tensor)
+        for op in subgraph.operators:
+            code = _builtin(model, op)
+            for position, index in enumerate(op.inputs if op.inputs is not None else ()):
+                if index < 0:
+                    continue
+                buffer = subgraph.tensors[index].buffer
+                readers.setdefault(buffer, set()).add((code, position))
+                if (code, position) == _GATHER_PARAMS:
+                    gathers.setdefault(buffer, []).append(
+                        (subgraph.tensors[op.outputs[0]], _gather_reads_int4(subgraph, op, consumers)))
+
+    def eligible(buffer: int) -> bool:
+        data = model.buffers[buffer].data
+        held = tensors.get(buffer, [])
+        quants = [t.quantization for t in held]
+        return (data is not None and len(data) >= min_elements and bool(held)
+                and all(t.type == schema.TensorType.INT8 for t in held)
+                and all(q is not None and q.scale is not None and len(q.scale) == 1
+                        and not any(int(z) for z in (q.zeroPoint if q.zeroPoint is not None else ())) for q in quants)
+                and len({float(q.scale[0]) for q in quants}) == 1
+                and bool(readers.get(buffer)) and readers[buffer] <= allowed
+                and all(ok for _, ok in gathers.get(buffer, [])))
+
+    converted: dict[int, list[int]] = {}
+    for buffer in sorted(b for b in tensors if eligible(b)):
+        held = tensors[buffer]
+        q8 = np.frombuffer(bytes(model.buffers[buffer].data), dtype=np.int8).astype(np.float64)
+        step = int4_step(q8) if mse_clip else 127.0 / LEVELS  # in int8 units
+        q4 = np.clip(np.round(q8 / step), -LEVELS, LEVELS).astype(np.int8)
+        model.buffers[buffer].data = np.frombuffer(pack_nibbles(q4), dtype=np.uint8)
+        scale = float(held[0].quantization.scale[0]) * step
+        converted[buffer] = [int(d) for d in held[0].shape]
+        for tensor in held:
             tensor.type = schema.TensorType.INT4
-            tensor.quantization.scale = [scales[tensor.buffer]]
+            tensor.quantization.scale = [scale]
+        for rows, _ in gathers.get(buffer, []):  # a GATHER of int4 params yields int4 rows, with the same scale
+            rows.type = schema.TensorType.INT4
+            rows.quantization = rows.quantization or schema.QuantizationParametersT()
+            rows.quantization.scale = [scale]
+            rows.quantization.zeroPoint = [0]
     if not converted:
         raise Int4Error(f"no int8 weight of >= {min_elements} elements that only FULLY_CONNECTED (or GATHER, then "
                          "DEQUANTIZE) reads, to repack")
-    for subgraph in model.subgraphs:  # a GATHER of int4 params yields int4 rows, with the same scale
-        for op in subgraph.operators:
-            params = subgraph.tensors[op.inputs[0]] if op.inputs is not None and len(op.inputs) else None
-            if (_builtin(model, op) == schema.BuiltinOperator.GATHER and params is not None
-                    and params.buffer in converted):
-                rows = subgraph.tensors[op.outputs[0]]
-                rows.type = schema.TensorType.INT4
-                rows.quantization.scale = [scales[params.buffer]]
-                rows.quantization.zeroPoint = [0]
     out = pack_model(model, len(blob))
     notes = {"tables": sorted(converted.values()), "bytes_before": len(blob), "bytes_after": len(out)}
     _LOGGER.info("int4 tables %s: %d -> %d bytes", notes["tables"], len(blob), len(out))

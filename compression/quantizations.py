@@ -9,9 +9,9 @@ A light module: the command line offers them without importing TensorFlow, and
 - "dynamic-tensor": the same with one scale per tensor.
 - "dynamic-int4": dynamic-tensor with the per-item tables only FULLY_CONNECTED reads in int4
   (``compression.int4``; ai-edge-litert 2.3 and tflite-runtime 2.14 both run it).
-- "dynamic-int4-all": dynamic-tensor with every weight of >= 4,096 numbers in int4 that FULLY_CONNECTED
-  or a GATHER -> DEQUANTIZE reads (the tied item table, the FPMC tables, the attention kernels):
-  ai-edge-litert only (tflite-runtime 2.14 has no INT4 GATHER).
+- "dynamic-int4-all": dynamic-tensor with every int8 weight of >= 4,096 numbers that FULLY_CONNECTED or
+  a GATHER (rows of an even width, then DEQUANTIZE) reads in int4 (the tied item table, the FPMC tables,
+  the attention kernels): ai-edge-litert only (tflite-runtime 2.14 has no INT4 GATHER).
 - "int8": full-integer quantization with a representative dataset.
 - "float16": float16 weights.
 """

@@ -151,11 +151,11 @@ def _int8_grid_copy(blob: bytes, int4_blob: bytes) -> bytes:
 
 
 def test_int4_tables_are_fc_only_half_size_and_run_exactly_as_their_values(exported) -> None:
-    from compression.int4 import Int4Error, int4_fc_tables
+    from compression.int4 import Int4Error, int4_tables
 
     _, dataset, raw, histories = exported
     blob, _ = compact_tflite(raw)
-    small, notes = int4_fc_tables(blob, min_elements=1024, gather=False)
+    small, notes = int4_tables(blob, min_elements=1024, gather=False)
     rows = dataset.num_items + 1
     # both FPMC tables ("last" read through an indicator x table FC); not the tied item table,
     # which a GATHER reads for the history
@@ -171,19 +171,21 @@ def test_int4_tables_are_fc_only_half_size_and_run_exactly_as_their_values(expor
             for name in left:
                 np.testing.assert_array_equal(left[name], right[name])
     with pytest.raises(Int4Error, match="no int8 weight of >= "):
-        int4_fc_tables(blob)  # the test model's tables are all below the default size
+        int4_tables(blob)  # the test model's tables are all below the default size
 
 
 def test_int4_tied_table_read_by_gather_and_fc_runs_exactly_as_its_values(exported) -> None:
     """gather=True also packs the tied item table (history lookups GATHER it, scores read it through a
     FULLY_CONNECTED): one int4 copy, and both signatures return what its int4 values on the int8 grid give."""
-    from compression.int4 import int4_fc_tables
+    from compression.int4 import int4_tables
 
     _, dataset, raw, histories = exported
     blob, _ = compact_tflite(raw)
-    fc_only, _ = int4_fc_tables(blob, min_elements=4096, gather=False)
-    small, notes = int4_fc_tables(blob, min_elements=4096, gather=True)  # the [V+1] item bias stays int8
+    fc_only, _ = int4_tables(blob, min_elements=4096, gather=False)
+    small, notes = int4_tables(blob, min_elements=4096, gather=True)  # the [V+1] item bias stays int8
     rows = dataset.num_items + 1
+    _, lowered_notes = int4_tables(blob, min_elements=2048, gather=True)
+    assert [rows] not in lowered_notes["tables"]  # even above the size floor: a 1-D table is never packed
     assert [rows, ARCH.dim] in notes["tables"] and len(notes["tables"]) == 3
     assert len(fc_only) - len(small) >= rows * ARCH.dim // 2 - 64
     parsed = _parse(small)
@@ -201,3 +203,47 @@ def test_int4_tied_table_read_by_gather_and_fc_runs_exactly_as_its_values(export
     # and int4 changed the scores (the comparison above is not between two int8 models)
     c = _run_all(blob, histories)
     assert any(not np.array_equal(x["scores"], y["scores"]) for x, y in zip(a["score"], c["score"], strict=True))
+
+
+def _gather_model(table: np.ndarray) -> bytes:
+    """A 2-op model (GATHER of a constant table, DEQUANTIZE) as the project's dynamic-tensor export writes it."""
+    class Lookup(tf.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.table = tf.Variable(table)
+
+        @tf.function(input_signature=[tf.TensorSpec([1, 5], tf.int32, name="ids")])
+        def rows(self, ids):
+            return {"rows": tf.gather(self.table, ids)}
+
+    module = Lookup()
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([module.rows.get_concrete_function()], module)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter._experimental_disable_per_channel = True
+    return converter.convert()
+
+
+def _lookup(blob: bytes, ids: np.ndarray) -> np.ndarray:
+    runner = Interpreter(model_content=blob).get_signature_runner()
+    return runner(ids=ids)["rows"]
+
+
+@pytest.mark.parametrize("shape", [(600, 6), (600, 5), (601, 7), (3001,)], ids=["even", "odd", "odd-rows", "1-d"])
+def test_int4_gather_only_for_rows_of_an_even_width(shape) -> None:
+    """LiteRT's INT4 GATHER returned wrong values for odd rows and 1-D tables: those stay int8 (no int4 table is
+    left to make: a clear error), even rows are packed and looked up exactly as their int4 values."""
+    from compression.int4 import Int4Error, int4_tables
+
+    table = np.random.default_rng(4).normal(size=shape).astype(np.float32)
+    blob = _gather_model(table)
+    ids = np.array([[0, 1, 2, 299, 42]], dtype=np.int32)
+    if len(shape) == 1 or shape[1] % 2:
+        with pytest.raises(Int4Error, match="no int8 weight"):
+            int4_tables(blob, min_elements=1024, gather=True)
+        return
+    small, notes = int4_tables(blob, min_elements=1024, gather=True)
+    assert notes["tables"] == [list(shape)] and len(small) < len(blob) - table.size // 2 + 256
+    np.testing.assert_array_equal(_lookup(small, ids), _lookup(_int8_grid_copy(blob, small), ids))
+    assert not np.array_equal(_lookup(small, ids), _lookup(blob, ids))
+    with pytest.raises(Int4Error):
+        int4_tables(blob, min_elements=1024, gather=False)  # a GATHER reads it: FULLY_CONNECTED-only mode refuses

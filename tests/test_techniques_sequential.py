@@ -183,34 +183,48 @@ def test_compaction_is_lossless_and_the_tied_table_is_stored_once(sasrec) -> Non
 
 
 def test_int4_qat_trains_on_the_export_grid_so_the_export_adds_no_weight_error(sasrec) -> None:
-    """QAT for "dynamic-int4-all": the repacked matrices hold at most 15 values (int4), the others the
-    per-tensor int8 grid, and the .tflite scores sit closer to Keras than a plain int4 export of the
-    same model does (only the activations' run-time quantization is left)."""
+    """QAT for "dynamic-int4-all": the int4 tables the exported file holds are exactly the trained Keras weights
+    (same matrices, values within float rounding), and its scores sit closer to Keras than a plain int4 export
+    of the same model does (only the activations' run-time quantization is left)."""
+    from ai_edge_litert import schema_py_generated as schema
+
     from compression.export import convert
 
     model, dataset = sasrec
     result = QuantizationAwareTraining(export_mode="dynamic-int4-all", **FAST).apply(model, dataset)
     assert result.quantization == "dynamic-int4-all"
     new, int4 = result.model, set(result.notes["int4_matrices"])
-    weights = matrices(new)
+    weights = {name: v.numpy() for name, v in matrices(new).items()}
     assert any(n.startswith("item_embedding") for n in int4) and any(n.startswith("transitions") for n in int4)
     assert not any(n.startswith("block") for n in int4)  # 8 x 8 kernels: below the size int4 is used for
-    for name, variable in weights.items():
-        values = variable.numpy()
-        assert len(np.unique(values)) <= (15 if name in int4 else 255), name
-        if name not in int4:
-            step = np.abs(values).max() / 127.0
-            np.testing.assert_allclose(values / step, np.round(values / step), atol=1e-3)
+    for name in int4:
+        assert len(np.unique(weights[name])) <= 15, name
 
-    def export_error(keras_model) -> float:
-        blob = convert(keras_model, dataset, k=10, quantization="dynamic-int4-all")
-        runner = Interpreter(model_content=blob).get_signature_runner("score")
-        histories = _histories(dataset, 8)
+    blob = convert(new, dataset, k=10, quantization="dynamic-int4-all")
+    parsed = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(blob, 0))
+    stored = []
+    for tensor in parsed.subgraphs[0].tensors:
+        data = parsed.buffers[tensor.buffer].data
+        if tensor.type != schema.TensorType.INT4 or data is None:
+            continue
+        packed = np.frombuffer(bytes(data), dtype=np.uint8)
+        nibbles = np.stack([packed & 0x0F, packed >> 4], axis=1).ravel()[:int(np.prod(tensor.shape))]
+        values = np.where(nibbles > 7, nibbles.astype(np.int16) - 16, nibbles) * float(tensor.quantization.scale[0])
+        stored.append(values.reshape([int(d) for d in tensor.shape]))
+    assert len(stored) == len(int4)  # what QAT trained as int4 is what the export packed, no more, no less
+    for values in stored:
+        matches = [name for name in int4 for w in (weights[name], weights[name].T)
+                   if w.shape == values.shape and np.allclose(w, values, rtol=1e-5, atol=1e-7)]
+        assert matches, f"an int4 table {values.shape} of the file matches no trained weight"
+
+    def export_error(keras_model, exported: bytes) -> float:
+        runner = Interpreter(model_content=exported).get_signature_runner("score")
         return max(float(np.abs(runner(history=h[None, :].astype(np.int32))["scores"][0]
-                                - keras_model(h[None, :]).numpy()[0]).max()) for h in histories)
+                                - keras_model(h[None, :]).numpy()[0]).max()) for h in _histories(dataset, 8))
 
-    trained_on_grid, plain = export_error(new), export_error(model)
-    assert trained_on_grid < plain / 2, (trained_on_grid, plain)
+    plain = convert(model, dataset, k=10, quantization="dynamic-int4-all")
+    trained_on_grid, untrained = export_error(new, blob), export_error(model, plain)
+    assert trained_on_grid < untrained / 2, (trained_on_grid, untrained)
 
 
 def test_block_pruning_keeps_the_block_the_loss_needs_and_copies_its_weights(sasrec) -> None:
@@ -235,12 +249,26 @@ def test_block_pruning_keeps_the_block_the_loss_needs_and_copies_its_weights(sas
     histories = _histories(dataset, 4)
     assert not np.allclose(second_only(histories).numpy(), two(histories).numpy())
 
-    result = BlockPruning(keep=1, epochs=0.1, calibration=256, max_pairs=600).apply(two, dataset)
+    from compression.techniques.common import training_arrays
+    from compression.techniques.prune_blocks import mean_loss
+
+    # the same calibration pairs the technique draws: each block's cost computed here, independently
+    x, y = training_arrays(dataset, WINDOW, max_pairs=256, seed=1)
+    costs = {b: mean_loss(without_blocks(two, [1 - b]), x, y) for b in (0, 1)}
+    assert costs[0] != costs[1]
+    result = BlockPruning(keep=1, epochs=0, calibration=256).apply(two, dataset)  # no fine-tuning: weights as cut
     notes = result.notes
     assert architecture_of(result.model).blocks == 1 and architecture_of(two).blocks == 2
-    costs = {int(b): loss for b, loss in notes["loss_without_block"].items()}
-    assert notes["kept_blocks"] == [max(costs, key=costs.get)]
+    for b in (0, 1):
+        assert notes["loss_without_block"][str(b)] == pytest.approx(costs[b], rel=1e-5)
+    kept = max(costs, key=costs.get)  # the block whose removal costs most stays
+    assert notes["kept_blocks"] == [kept]
+    for a, b in zip(result.model.get_layer("block0").get_weights(), two.get_layer(f"block{kept}").get_weights(),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
     assert notes["params_after"] < notes["params_before"]
+    tuned = BlockPruning(keep=1, epochs=0.1, calibration=256, max_pairs=600).apply(two, dataset)
+    assert tuned.notes["fine_tune"]["steps"] >= 1 and architecture_of(tuned.model).blocks == 1
     with pytest.raises(TechniqueError, match="keep must be in 1..1"):
         BlockPruning(keep=2).apply(two, dataset)
     with pytest.raises(TechniqueError, match="distinct"):

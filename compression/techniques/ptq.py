@@ -20,7 +20,7 @@ _LOGGER = logging.getLogger(__name__)
 
 PTQ_MODES = {"ptq-dynamic": "dynamic", "ptq-int8": "int8", "ptq-float16": "float16"}
 # the same technique as ptq-dynamic with one weight scale per tensor, and with the per-item
-# FULLY_CONNECTED tables in int4 (see compression.export, compression.int4)
+# tables (and for "-all" every large weight) in int4 (see compression.export, compression.int4)
 _ALSO = {"dynamic-tensor": "ptq-dynamic", "dynamic-int4": "ptq-dynamic", "dynamic-int4-all": "ptq-dynamic"}
 
 

@@ -11,7 +11,9 @@ histories.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import tensorflow_model_optimization as tfmot
@@ -50,6 +52,26 @@ def int8_grid(values: np.ndarray, axis: int) -> np.ndarray:
     return (np.clip(np.round(values / scale), -127, 127) * scale).astype(np.float32)
 
 
+CONVERTER_MIN_ELEMENTS = 1024  # the TFLite converter leaves smaller weights float under dynamic-range quantization
+
+
+def repacked_as_int4(name: str, shape: Sequence[int], settings: Mapping[str, Any]) -> bool:
+    """Whether an int4 export (``compression.export.INT4_SETTINGS``) stores this sequential-model matrix in int4.
+
+    It mirrors ``compression.int4.int4_tables`` on the graphs ``compression.seqmodel`` builds: FPMC tables,
+    table projections and attention kernels are FULLY_CONNECTED filters; the tied table's rows are also
+    GATHERed (int4 only with ``gather`` and an even width); CP factors are read by MUL / BATCH_MATMUL (never).
+    A test compares this with the exported file.
+    """
+    from compression.int4 import MIN_ELEMENTS
+
+    if int(np.prod(shape)) < settings.get("min_elements", MIN_ELEMENTS) or "factor_" in name:
+        return False
+    if name.startswith("item_embedding") and name.split("/")[-1].startswith("embeddings"):
+        return bool(settings.get("gather", False)) and int(shape[-1]) % 2 == 0
+    return True
+
+
 def qat_sequential(model: keras.Model, dataset: Dataset, *, epochs: float, learning_rate: float,
                    max_pairs: int | None = None, export_mode: str = "dynamic-tensor") -> tuple[keras.Model, dict]:
     """Weight QAT of a sequential model with a straight-through estimator, through a callback.
@@ -59,9 +81,10 @@ def qat_sequential(model: keras.Model, dataset: Dataset, *, epochs: float, learn
     added to float shadow weights (the straight-through estimator), which are snapped to the grid
     again. Activations stay float, which is what a dynamic-range export runs.
 
-    ``export_mode`` "dynamic-int4-all" trains on exactly the grid that export stores (per-tensor
-    int8, then int4 for every matrix it repacks): int4's 15 levels cost validation NDCG after
-    training, and part of it comes back when training sees them. Other modes: int8 per row/channel.
+    With an int4 ``export_mode`` ("dynamic-int4", "dynamic-int4-all") each matrix trains on the grid
+    that export stores for it (``int4_matrices``): the converter's per-tensor int8, then int4 for the
+    ones it repacks; matrices the converter leaves float (< 1,024 numbers) are left alone. Other
+    modes: int8 per row/channel.
     """
     from compression.export import INT4_SETTINGS
     from compression.int4 import export_grid
@@ -70,14 +93,17 @@ def qat_sequential(model: keras.Model, dataset: Dataset, *, epochs: float, learn
     out = seq.rebuild(model)
     variables = seq.matrices(out)
     axes = {name: 0 if name.startswith(("item_embedding", "transitions")) else -1 for name in variables}
-    int4_min = INT4_SETTINGS["dynamic-int4-all"]["min_elements"] if export_mode == "dynamic-int4-all" else None
-    int4 = sorted(name for name, v in variables.items() if int4_min is not None and int(np.prod(v.shape)) >= int4_min)
+    settings = INT4_SETTINGS.get(export_mode)
+    int4 = sorted(name for name, v in variables.items()
+                  if settings is not None and repacked_as_int4(name, v.shape, settings))
     shadow = {name: v.numpy() for name, v in variables.items()}
     snapped: dict[str, np.ndarray] = {}
 
     def snap(name: str) -> np.ndarray:
-        if int4_min is None:
+        if settings is None:
             return int8_grid(shadow[name], axes[name])
+        if shadow[name].size < CONVERTER_MIN_ELEMENTS:
+            return shadow[name]
         return export_grid(shadow[name], int4=name in int4)
 
     def project(step: int) -> None:
@@ -89,8 +115,8 @@ def qat_sequential(model: keras.Model, dataset: Dataset, *, epochs: float, learn
 
     history = seq.constrained_fine_tune(out, dataset, project, epochs=epochs, learning_rate=learning_rate,
                                         max_pairs=max_pairs)
-    scheme = ("int8 symmetric, per row/channel, STE" if int4_min is None
-              else "the dynamic-int4-all export grid (per-tensor int8, int4 for the repacked matrices), STE")
+    scheme = ("int8 symmetric, per row/channel, STE" if settings is None
+              else f"the {export_mode} export grid (per-tensor int8, int4 for the repacked matrices), STE")
     return out, {"quantized_matrices": sorted(variables), "int4_matrices": int4, "scheme": scheme,
                  "fine_tune": history}
 
@@ -114,7 +140,8 @@ class QuantizationAwareTraining:
             trained, notes = qat_sequential(model, dataset, epochs=self.epochs, learning_rate=self.learning_rate,
                                             max_pairs=self.max_pairs, export_mode=self.export_mode)
             mode = "dynamic-tensor" if self.export_mode == "int8" else self.export_mode
-            notes["export"] = f"{mode} (int8 weights, float activations: full-int8 outputs tie scores)"
+            weights = "int8 and int4 weights" if "int4" in mode else "int8 weights"
+            notes["export"] = f"{mode} ({weights}, float activations: full-int8 outputs tie scores)"
             return StepResult(trained, [self.name], notes, quantization=mode)
         qat_model = quantize_dense_layers(model)
         history = fine_tune(qat_model, dataset, epochs=self.epochs, learning_rate=self.learning_rate,
