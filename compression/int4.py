@@ -50,6 +50,13 @@ def pack_nibbles(values: np.ndarray) -> bytes:
     return (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8).tobytes()
 
 
+def unpack_nibbles(packed: bytes | np.ndarray, count: int) -> np.ndarray:
+    """The inverse of ``pack_nibbles``: ``count`` int4 values as int8 (for reading a packed table back)."""
+    raw = np.frombuffer(bytes(packed), dtype=np.uint8)
+    nibbles = np.stack([raw & 0x0F, raw >> 4], axis=1).ravel()[:count]
+    return np.where(nibbles > 7, nibbles.astype(np.int16) - 16, nibbles).astype(np.int8)
+
+
 def int4_step(q8: np.ndarray) -> float:
     """The int4 step (in int8 units) with the least squared error over ``q8``: clipping a few
     outliers buys finer steps for every other weight."""
@@ -61,6 +68,12 @@ def int4_step(q8: np.ndarray) -> float:
         if err < best_err:
             best, best_err = step, err
     return best
+
+
+def int4_values(q8: np.ndarray, mse_clip: bool = MSE_CLIP) -> tuple[np.ndarray, float]:
+    """int8 weights (as numbers) -> their int4 values (-7..7) and the step, in int8 units, between levels."""
+    step = int4_step(q8) if mse_clip else 127.0 / LEVELS
+    return np.clip(np.round(q8 / step), -LEVELS, LEVELS).astype(np.int8), step
 
 
 _FC_FILTER = (schema.BuiltinOperator.FULLY_CONNECTED, 1)
@@ -95,8 +108,8 @@ def export_grid(values: np.ndarray, *, int4: bool) -> np.ndarray:
     q8 = np.clip(np.round(values / scale), -127, 127)
     if not int4:
         return (q8 * scale).astype(np.float32)
-    step = int4_step(q8)
-    return (np.clip(np.round(q8 / step), -LEVELS, LEVELS) * step * scale).astype(np.float32)
+    q4, step = int4_values(q8)
+    return (q4 * step * scale).astype(np.float32)
 
 
 def int4_tables(blob: bytes, min_elements: int = MIN_ELEMENTS, mse_clip: bool = MSE_CLIP,
@@ -146,8 +159,7 @@ def int4_tables(blob: bytes, min_elements: int = MIN_ELEMENTS, mse_clip: bool = 
     for buffer in sorted(b for b in tensors if eligible(b)):
         held = tensors[buffer]
         q8 = np.frombuffer(bytes(model.buffers[buffer].data), dtype=np.int8).astype(np.float64)
-        step = int4_step(q8) if mse_clip else 127.0 / LEVELS  # in int8 units
-        q4 = np.clip(np.round(q8 / step), -LEVELS, LEVELS).astype(np.int8)
+        q4, step = int4_values(q8, mse_clip)
         model.buffers[buffer].data = np.frombuffer(pack_nibbles(q4), dtype=np.uint8)
         scale = float(held[0].quantization.scale[0]) * step
         converted[buffer] = [int(d) for d in held[0].shape]

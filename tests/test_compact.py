@@ -132,6 +132,7 @@ def test_signatures_that_compute_different_things_keep_their_subgraphs() -> None
 def _int8_grid_copy(blob: bytes, int4_blob: bytes) -> bytes:
     """``blob`` with every table the int4 model packed replaced by the same int4 values on the int8 grid."""
     from compression.compact import pack_model
+    from compression.int4 import unpack_nibbles
 
     int4 = _parse(int4_blob)
     model = _parse(blob)
@@ -142,9 +143,7 @@ def _int8_grid_copy(blob: bytes, int4_blob: bytes) -> bytes:
             t8.quantization.scale = list(t4.quantization.scale)  # also the rows a GATHER of the table yields
             if int4.buffers[t4.buffer].data is None:
                 continue
-            packed = np.frombuffer(bytes(int4.buffers[t4.buffer].data), dtype=np.uint8)
-            nibbles = np.stack([packed & 0x0F, packed >> 4], axis=1).ravel()[:int(np.prod(t4.shape))]
-            values = np.where(nibbles > 7, nibbles.astype(np.int16) - 16, nibbles).astype(np.int8)
+            values = unpack_nibbles(int4.buffers[t4.buffer].data, int(np.prod(t4.shape)))
             model.buffers[t8.buffer].data = np.frombuffer(values.tobytes(), dtype=np.uint8)
             t8.quantization.scale = list(t4.quantization.scale)
     return pack_model(model, len(blob))

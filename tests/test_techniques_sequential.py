@@ -189,6 +189,7 @@ def test_int4_qat_trains_on_the_export_grid_so_the_export_adds_no_weight_error(s
     from ai_edge_litert import schema_py_generated as schema
 
     from compression.export import convert
+    from compression.int4 import unpack_nibbles
 
     model, dataset = sasrec
     result = QuantizationAwareTraining(export_mode="dynamic-int4-all", **FAST).apply(model, dataset)
@@ -207,9 +208,7 @@ def test_int4_qat_trains_on_the_export_grid_so_the_export_adds_no_weight_error(s
         data = parsed.buffers[tensor.buffer].data
         if tensor.type != schema.TensorType.INT4 or data is None:
             continue
-        packed = np.frombuffer(bytes(data), dtype=np.uint8)
-        nibbles = np.stack([packed & 0x0F, packed >> 4], axis=1).ravel()[:int(np.prod(tensor.shape))]
-        values = np.where(nibbles > 7, nibbles.astype(np.int16) - 16, nibbles) * float(tensor.quantization.scale[0])
+        values = unpack_nibbles(data, int(np.prod(tensor.shape))) * float(tensor.quantization.scale[0])
         stored.append(values.reshape([int(d) for d in tensor.shape]))
     assert len(stored) == len(int4)  # what QAT trained as int4 is what the export packed, no more, no less
     for values in stored:

@@ -17,7 +17,7 @@ import numpy as np
 import tf_keras as keras
 
 from compression.data import Dataset
-from compression.seqmodel import architecture_of
+from compression.seqmodel import Architecture, architecture_of
 from compression.techniques import sequential as seq
 from compression.techniques.base import StepResult, TechniqueError
 from compression.techniques.common import fine_tune, model_window, training_arrays
@@ -25,11 +25,17 @@ from compression.techniques.common import fine_tune, model_window, training_arra
 _LOGGER = logging.getLogger(__name__)
 
 
-def without_blocks(model: keras.Model, kept: list[int]) -> keras.Model:
-    """A copy of a SASRec ``model`` holding only the attention blocks ``kept`` (in order), weights copied."""
+def _with_blocks(model: keras.Model) -> Architecture:
+    """The architecture of ``model``; a clear error when it has no attention blocks to prune."""
     arch = architecture_of(model)
     if arch.kind != "sasrec" or not arch.blocks:
         raise TechniqueError(f"block pruning needs attention blocks; {model.name!r} is a {arch.kind} model")
+    return arch
+
+
+def without_blocks(model: keras.Model, kept: list[int]) -> keras.Model:
+    """A copy of a SASRec ``model`` holding only the attention blocks ``kept`` (in order), weights copied."""
+    arch = _with_blocks(model)
     if not kept or any(not 0 <= b < arch.blocks for b in kept) or len(set(kept)) != len(kept):
         raise TechniqueError(f"blocks to keep must be distinct and in 0..{arch.blocks - 1}, got {kept}")
     out = seq.rebuild(model, arch.replace(blocks=len(kept)))  # every non-block layer copied by name
@@ -65,9 +71,7 @@ class BlockPruning:
 
     def apply(self, model: keras.Model, dataset: Dataset) -> StepResult:
         """Score every block by the loss without it, drop the cheapest, fine-tune the rest."""
-        arch = architecture_of(model)
-        if arch.kind != "sasrec":
-            raise TechniqueError(f"block pruning needs attention blocks; {model.name!r} is a {arch.kind} model")
+        arch = _with_blocks(model)
         if not 1 <= self.keep < arch.blocks:
             raise TechniqueError(f"keep must be in 1..{arch.blocks - 1} for a model of {arch.blocks} blocks, "
                                  f"got {self.keep}")
